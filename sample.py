@@ -5,27 +5,37 @@ Images from a Self-E checkpoint at any number of steps, one model for all of the
 
 writes OUT/grid.png (rows: prompts, columns: step counts; the same initial noise in every column) and every single
 image as OUT/images/PPP_NN_SSsteps.png. Also used by train.py for its periodic sample grids.
+
+    python sample.py --ckpt out/ckpt.pt --eval --eval-size small
+
+scores the checkpoint on ShapesEval, our GenEval over the shapes world (see shapes.py): it draws the evaluation
+set at every step count from the same initial noise, judges each image, prints a table like the paper's and writes
+OUT/results.json and OUT/grid.png.
 """
 import argparse
+import json
 import os
 import re
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 import selfe
+import shapes
 
 # Sampler defaults (METHOD.md section 5): the paper's omega = 5 and eta = 1; s_k = t_{k+1}.
 SAMPLER = dict(cfg=5.0, eta=1.0, s_k="next")
 
 
 def load_checkpoint(path, device="cpu"):
-    """-> (EMA model in eval mode, run config). Checkpoints hold only tensors and plain data: weights_only=True."""
+    """-> (EMA model in eval mode, run config, step). Checkpoints hold only tensors and plain data: weights_only."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ckpt["config"]
     model = build_model(cfg, text_dim=ckpt["text_dim"])
     model.load_state_dict(ckpt["ema"])
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg, ckpt["step"]
 
 
 def build_model(cfg, text_dim):
@@ -46,6 +56,26 @@ def generate(model, text, prompts, steps_list, seed=0, cfg=5.0, eta=1.0, s_k="ne
                          generator=gen)
         out[steps] = x.float().clamp(-1, 1).cpu()
     return out
+
+
+# ShapesEval sizes: prompts per category, 4 images each (GenEval: 553 prompts, about 92 per category)
+EVAL_SIZES = {"small": 4, "medium": 16, "full": 92}  # 96, 384 and 2208 images per step count
+
+
+def evaluate(model, text, steps_list, per_tag, seed=0, batch=96, progress=True, **sampler):
+    """ShapesEval -> ({steps: {"overall", tag: accuracy}}, {steps: one image per category}).
+    Image i of the set starts from the same noise at every step count."""
+    rows = [m for m in shapes.eval_prompts(per_tag) for _ in range(4)]
+    correct, images = {k: [] for k in steps_list}, {k: [] for k in steps_list}
+    for i in tqdm(range(0, len(rows), batch), desc="eval", disable=not progress):
+        chunk = rows[i:i + batch]
+        out = generate(model, text, [m["prompt"] for m in chunk], steps_list, seed=seed + i, **sampler)
+        for k, x in out.items():
+            correct[k] += [shapes.judge(np.asarray(to_pil(img)), m) for img, m in zip(x, chunk)]
+            images[k] += list(x)
+    firsts = [4 * per_tag * j for j in range(len(shapes.TAGS))]  # the first image of each category
+    return ({k: shapes.summarize(rows, c) for k, c in correct.items()},
+            {k: torch.stack([images[k][j] for j in firsts]) for k in steps_list}, [rows[j]["prompt"] for j in firsts])
 
 
 def to_pil(x):
@@ -72,6 +102,9 @@ def save_grid(images, prompts, path, cell=96):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--eval", action="store_true", help="score the checkpoint on ShapesEval instead of prompts")
+    p.add_argument("--eval-size", choices=list(EVAL_SIZES), default="small",
+                   help="prompts per category x 4 images: small 96, medium 384, full 2208 images per step count")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file, one prompt per line")
     p.add_argument("--steps", default="2,4,8,50", help="comma-separated step counts")
@@ -88,15 +121,26 @@ def main():
     if args.prompts:
         with open(args.prompts) as f:
             prompts += [line.strip() for line in f if line.strip()]
-    if not prompts:
-        p.error("give at least one --prompt or a --prompts file")
+    if not prompts and not args.eval:
+        p.error("give at least one --prompt or a --prompts file, or --eval")
     steps_list = [int(s) for s in args.steps.split(",")]
     s_k = args.s_k if args.s_k == "next" else float(args.s_k)
 
-    model, cfg = load_checkpoint(args.ckpt, args.device)
+    model, cfg, step = load_checkpoint(args.ckpt, args.device)
     text = selfe.TextEncoder(cfg["text_encoder"], cfg["text_len"], args.device)
+    sampler = dict(cfg=args.cfg, eta=args.eta, s_k=s_k, shift=cfg["shift"])
+    if args.eval:
+        results, images, names = evaluate(model, text, steps_list, EVAL_SIZES[args.eval_size], args.seed, **sampler)
+        save_grid(images, names, os.path.join(args.out, "grid.png"))
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"ckpt": args.ckpt, "step": step, "method": cfg["method"],
+                       "eval_size": args.eval_size, "images_per_step_count": 24 * EVAL_SIZES[args.eval_size],
+                       "sampler": sampler, "seed": args.seed, "results": results}, f, indent=1)
+        print(shapes.markdown_table({f"{k} steps": r for k, r in results.items()}, "steps"))
+        print(f"wrote {os.path.join(args.out, 'results.json')} and grid.png")
+        return
     rows = [pr for pr in prompts for _ in range(args.n)]
-    images = generate(model, text, rows, steps_list, args.seed, args.cfg, args.eta, s_k, cfg["shift"])
+    images = generate(model, text, rows, steps_list, args.seed, **sampler)
     save_grid(images, rows, os.path.join(args.out, "grid.png"))
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     for steps, batch in images.items():

@@ -3,7 +3,7 @@ Self-E: "Self-Evaluation Unlocks Any-Step Text-to-Image Generation" (Yu et al., 
 
 Read top to bottom beside the paper (equation numbers are the paper's; METHOD.md in the shared folder restates
 them). The file has four parts:
-  1. the noise path and the two heads of the network (Eqs. 1, 2, 6);
+  1. the noise path and the sample head (Eqs. 1, 6);
   2. the training objective: time pairs, self-evaluation (Eq. 14), lambda (Eq. 17), renormalisation (Eq. 19),
      the loss (Eqs. 20-21), the fake-score term (appendix);
   3. the any-step sampler with energy-preserving CFG (Eq. 22 and its stochastic form);
@@ -151,8 +151,9 @@ def selfe_loss(net, x0, cond, null, fake=None, *, method="selfe", tau=1.0, p_equ
                                          take(fake), renorm, aux_k, eval_net)
         target = x0.index_copy(0, idx, target_i.to(x0.dtype))
 
-    # Eqs. 20-21: ||x0_hat - target||^2 / t^2. On s = t rows this is exactly the velocity loss ||V - v||^2.
-    per_row = (x0_hat.float() - target.float()).pow(2).flatten(1).mean(1) / t**2
+    # Eqs. 20-21: ||x0_hat - target||^2 / t^2. On s = t rows (target x0) this is exactly the flow-matching loss
+    # ||V - v||^2 with v = eps - x0 (Eq. 2), since x0_hat - x0 = t (v - V).
+    per_row = (x0_hat.float() - target.float()).pow(2).flatten(1).mean(1) / t**2  # mean, not sum: a constant
     if not renorm:
         per_row = per_row * (1 + lambda_st(t, s))  # Eq. 16: two squares folded into one carry this factor
     loss = per_row.mean() + aux.sum() / B
@@ -365,6 +366,8 @@ class TextEncoder:
 
     def __init__(self, name="default", max_len=32, device="cpu"):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging
+        logging.disable_progress_bar()  # no "Loading weights" bar on every run
         path = resolve_text_encoder(name)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 # Six well-separated colours from GenEval's list of ten.
 COLORS = {"red": (220, 40, 40), "yellow": (240, 210, 40), "green": (40, 170, 60), "blue": (40, 90, 230),
@@ -81,7 +81,7 @@ def _place(rng, sizes, tries=2000):
     """Centres for boxes of half-sides `sizes`, inside the frame and apart from each other."""
     for _ in range(tries):
         pts = [(rng.uniform(r + 0.03, 1 - r - 0.03), rng.uniform(r + 0.03, 1 - r - 0.03)) for r in sizes]
-        if all(max(abs(p[0] - q[0]), abs(p[1] - q[1])) > ri + rj + 0.03
+        if all(max(abs(p[0] - q[0]), abs(p[1] - q[1])) > ri + rj + 0.06
                for i, (p, ri) in enumerate(zip(pts, sizes)) for q, rj in zip(pts[:i], sizes[:i])):
             return pts
     raise RuntimeError("could not place the objects without overlap")
@@ -143,6 +143,157 @@ def score(objs, meta):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The judge: geometry in place of GenEval's detector and CLIP colour classifier
+
+PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)  # index 0 is the background
+MIN_AREA = 0.012  # smallest object, as a fraction of the image (12 pixels at 32 x 32; our smallest is 16)
+THRESHOLD = {"counting": 0.6}  # confidence (soft IoU) to keep a detection; GenEval: 0.3, and 0.9 when counting
+DEFAULT_THRESHOLD = 0.5
+
+
+def components(mask):
+    """4-connected regions of a boolean (H, W) mask -> list of (ys, xs) index arrays."""
+    H, W = mask.shape
+    seen, out = np.zeros_like(mask), []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        stack, ys, xs = [(y0, x0)], [], []
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            ys.append(y)
+            xs.append(x)
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < H and 0 <= nx < W and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        out.append((np.array(ys), np.array(xs)))
+    return out
+
+
+def coverage(shape, cx, cy, area, ys, xs, sub=4):
+    """Fraction of each pixel (ys, xs) covered by an ideal shape with centroid (cx, cy) and the given area, in
+    pixels; sub x sub samples per pixel. -> (coverage, half side of the shape's box, y of the box centre)."""
+    off = (np.arange(sub) + 0.5) / sub
+    u = xs[:, None, None] + off[None, None, :] - cx  # (n, 1, sub)
+    v = ys[:, None, None] + off[None, :, None] - cy  # (n, sub, 1)
+    if shape == "circle":
+        r = np.sqrt(area / np.pi)
+        inside, box_cy = u**2 + v**2 <= r**2, cy
+    elif shape == "square":
+        r = np.sqrt(area) / 2
+        inside, box_cy = (np.abs(u) <= r) & (np.abs(v) <= r), cy
+    else:  # upright triangle of box side a: area a^2 / 2, centroid 2a/3 below the apex
+        a = np.sqrt(2 * area)
+        r, depth = a / 2, v + 2 * a / 3
+        inside, box_cy = (depth >= 0) & (depth <= a) & (np.abs(u) <= depth / 2), cy - a / 6
+    return inside.mean((1, 2)), r, box_cy
+
+
+@dataclass
+class Detection(Obj):
+    conf: float = 1.0
+
+
+def detect(img):
+    """(H, W, 3) uint8 -> detections, most confident first.
+    Each pixel takes the nearest palette colour or the background; each 4-connected region of one colour is a
+    candidate. Around it, each pixel's coverage is read from its colour (background = 0, the palette colour = 1),
+    and the class is the ideal shape of the same area and centroid that overlaps this soft mask best (the soft IoU
+    is the confidence). The colour is the palette colour nearest the region's mean."""
+    H, W, _ = img.shape
+    pix = img.astype(np.float32)
+    label = ((pix[:, :, None, :] - PALETTE) ** 2).sum(-1).argmin(-1)  # (H, W)
+    dets = []
+    for k in range(1, len(PALETTE)):
+        for ys, xs in components(label == k):
+            if len(ys) < MIN_AREA * H * W:
+                continue
+            y0, y1 = max(ys.min() - 2, 0), min(ys.max() + 3, H)
+            x0, x1 = max(xs.min() - 2, 0), min(xs.max() + 3, W)
+            win = np.zeros((H, W), dtype=bool)
+            win[y0:y1, x0:x1] = True
+            own = np.zeros((H, W), dtype=bool)
+            own[ys, xs] = True
+            wy, wx = np.nonzero(win & (own | (label == 0)))  # the region and the background around it
+            d = PALETTE[k] - PALETTE[0]
+            alpha = np.clip(((pix[wy, wx] - PALETTE[0]) @ d) / (d @ d), 0, 1)  # soft mask
+            area = alpha.sum()
+            cx, cy = (alpha * (wx + 0.5)).sum() / area, (alpha * (wy + 0.5)).sum() / area
+            best = None
+            for shape in SHAPES:
+                cov, r, box_cy = coverage(shape, cx, cy, area, wy, wx)
+                iou = np.minimum(alpha, cov).sum() / np.maximum(alpha, cov).sum()
+                if best is None or iou > best.conf:
+                    color = list(COLORS)[((PALETTE[1:] - pix[ys, xs].mean(0)) ** 2).sum(-1).argmin()]
+                    best = Detection(shape, color, cx / W, box_cy / H, r / H, float(iou))
+            dets.append(best)
+    return sorted(dets, key=lambda d: -d.conf)
+
+
+def judge(img, meta):
+    """GenEval's verdict on one image: detections above the category's threshold, then GenEval's rules."""
+    keep = THRESHOLD.get(meta["tag"], DEFAULT_THRESHOLD)
+    return score([d for d in detect(img) if d.conf >= keep], meta)
+
+
+def eval_prompts(per_tag, seed=2026):
+    """The fixed evaluation set: per_tag prompts in each of the six categories, in GenEval's metadata form."""
+    rng = np.random.default_rng(seed)
+    return [random_prompt(rng, tag) for tag in TAGS for _ in range(per_tag)]
+
+
+def summarize(metas, correct):
+    """Per-category accuracy over images, and Overall = the unweighted mean of the six categories (GenEval)."""
+    out = {tag: float(np.mean([c for m, c in zip(metas, correct) if m["tag"] == tag])) for tag in TAGS}
+    return {"overall": float(np.mean(list(out.values()))), **out}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trusting the judge (GENEVAL.md): oracle, robustness, chance level, floor
+
+
+def mildly_corrupt(img, rng):
+    """Gaussian blur of 0.6 pixel (at 32 px; scaled with the resolution) and pixel noise of std 8 / 255."""
+    blurred = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(0.6 * img.shape[0] / 32)))
+    return np.clip(blurred + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+
+
+def validate(res=32, per_tag=16, seed=0):
+    """-> {row: summary}. Ground-truth renders of the evaluation prompts (4 per prompt), the same mildly blurred and
+    noised, the same scored against prompts shuffled within each category, blank images, pure noise."""
+    rng = np.random.default_rng(seed)
+    metas = [m for m in eval_prompts(per_tag) for _ in range(4)]
+    clean = [render(scene_for(m, rng), res) for m in metas]
+    shuffled = list(metas)
+    for tag in TAGS:
+        idx = [i for i, m in enumerate(metas) if m["tag"] == tag]
+        for i, j in zip(idx, rng.permutation(idx)):
+            shuffled[i] = metas[j]
+    blank = np.full((res, res, 3), BACKGROUND, dtype=np.uint8)
+    rows = {"oracle": (clean, metas), "blur + noise": ([mildly_corrupt(im, rng) for im in clean], metas),
+            "shuffled prompts": (clean, shuffled), "blank": ([blank] * len(metas), metas),
+            "pure noise": ([rng.integers(0, 256, (res, res, 3), dtype=np.uint8) for _ in metas], metas)}
+    return {name: summarize(ms, [judge(im, m) for im, m in zip(ims, ms)]) for name, (ims, ms) in rows.items()}
+
+
+def markdown_table(rows, first="", fmt="{:.3f}"):
+    """{row name: summary} -> a markdown table with Overall and the six categories."""
+    lines = [f"| {first} | Overall | " + " | ".join(TAGS) + " |", "|---" * (len(TAGS) + 2) + "|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(fmt.format(r[k]) for k in ["overall", *TAGS]) + " |")
+    return "\n".join(lines)
+
+
+# Pass marks for the judge's validation (GENEVAL.md): oracle >= 0.99 and blur + noise >= 0.97 in every category,
+# blank and pure noise about 0.
+def validation_passes(rows):
+    return (min(rows["oracle"][t] for t in TAGS) >= 0.99 and min(rows["blur + noise"][t] for t in TAGS) >= 0.97
+            and rows["blank"]["overall"] <= 0.01 and rows["pure noise"]["overall"] <= 0.01)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The data stream
 
 
@@ -160,3 +311,18 @@ class ShapesData:
         imgs, caps = zip(*(self.sample() for _ in range(n)))
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, res, res)
         return x, list(caps)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Validate the shapes judge: oracle, blur + noise, chance, floor.")
+    p.add_argument("--res", type=int, default=32)
+    p.add_argument("--per-tag", type=int, default=16, help="prompts per category (4 images each)")
+    args = p.parse_args()
+    rows = validate(args.res, args.per_tag)
+    print(f"judge validation, {args.res} px, {args.per_tag} prompts x 4 images per category\n")
+    print(markdown_table(rows, "images"))
+    ok = validation_passes(rows)
+    print("\nPASS" if ok else "\nFAIL: oracle < 0.99, blur + noise < 0.97, or blank / noise above 0.01")
+    raise SystemExit(0 if ok else 1)

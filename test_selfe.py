@@ -432,6 +432,24 @@ def test_geneval_rules():
     assert not shapes.score([O("circle", "red", 0.2, 0.3, 0.1)], pos)  # the reference must be found
 
 
+@pytest.mark.parametrize("res", [32, 64])
+def test_judge_validation_oracle_robustness_chance_floor(res):
+    rows = shapes.validate(res, per_tag=10)
+    assert shapes.validation_passes(rows), shapes.markdown_table(rows)
+    assert rows["shuffled prompts"]["overall"] < 0.6  # a prompt's image does not pass for another prompt
+
+
+def test_judge_reads_what_was_drawn():
+    O = shapes.Obj
+    objs = [O("circle", "red", 0.25, 0.3, 0.15), O("triangle", "blue", 0.7, 0.3, 0.15),
+            O("square", "white", 0.5, 0.75, 0.12)]
+    dets = shapes.detect(shapes.render(objs, 32))
+    assert sorted((d.shape, d.color) for d in dets) == sorted((o.shape, o.color) for o in objs)
+    for o in objs:
+        d = next(d for d in dets if d.shape == o.shape)
+        assert abs(d.x - o.x) < 0.03 and abs(d.y - o.y) < 0.03 and abs(d.r - o.r) < 0.03
+
+
 def test_shapes_stream_is_seeded_and_any_resolution():
     a, ca = shapes.ShapesData(32, seed=3).batch(8)
     b, cb = shapes.ShapesData(32, seed=3).batch(8)
@@ -462,20 +480,22 @@ def run(*args):
     return r.stdout + r.stderr
 
 
-TINY = ["--batch-size", "4", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "4"]
+TINY = ["--batch-size", "4", "--log-every", "1", "--eval-every", "0", "--ckpt-every", "2", "--sample-every", "4"]
 
 
-def read_log(out):
+def read_log(out, key="loss"):
     with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if key in r]
 
 
 def test_train_resume_and_sample_on_shapes(tmp_path):
     out = str(tmp_path / "run")
-    text = run("train.py", "--out", out, "--iters", "4", "--aux-start", "0.5", *TINY)
+    text = run("train.py", "--out", out, "--iters", "4", "--aux-start", "0.5", *TINY, "--eval-every", "4")
     if not torch.cuda.is_available():
         assert "preset: cpu (no GPU found" in text and "selfe | model tiny" in text
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
+    (ev,) = read_log(out, "eval_overall")  # the few-step score, logged during training
+    assert ev["step"] == 4 and set(ev["eval_overall"]) == {"2", "8"} and "ShapesEval overall" in text
     assert os.path.exists(os.path.join(out, "samples", "step_000004.png"))
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 4 and ckpt["config"]["batch_size"] == 4
@@ -490,6 +510,15 @@ def test_train_resume_and_sample_on_shapes(tmp_path):
         "--prompt", "a photo of two squares", "--steps", "1,3", "--n", "2", "--out", s)
     assert Image.open(os.path.join(s, "grid.png")).size[1] == 16 + 4 * 96  # 2 prompts x 2 images
     assert len(os.listdir(os.path.join(s, "images"))) == 8
+
+    e = str(tmp_path / "e")
+    text = run("sample.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--eval", "--steps", "1,2", "--out", e)
+    assert "| 1 steps |" in text and "| 2 steps |" in text and "color_attr" in text
+    with open(os.path.join(e, "results.json")) as f:
+        res = json.load(f)
+    assert res["step"] == 6 and res["images_per_step_count"] == 96 and set(res["results"]) == {"1", "2"}
+    r = res["results"]["2"]
+    assert abs(r["overall"] - np.mean([r[t] for t in shapes.TAGS])) < 1e-9
 
 
 def test_fm_and_selfe_differ_only_in_the_objective(tmp_path):

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import selfe
-from sample import SAMPLER, build_model, generate, save_grid
+from sample import EVAL_SIZES, SAMPLER, build_model, evaluate, generate, save_grid
 from shapes import ShapesData
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -47,6 +47,7 @@ CONFIG = {
     "text_encoder": ("default", "Hugging Face id or local path; 'default' = all-MiniLM-L6-v2, offline copy"),
     "log_every": (25, "steps between progress updates and log.jsonl lines"),
     "sample_every": (1000, "steps between sample grids (EMA weights; 2, 4, 8, 50 steps)"),
+    "eval_every": (500, "steps between ShapesEval scores (small set, 2 and 8 steps) in log.jsonl; 0 = off"),
     "ckpt_every": (1000, "steps between checkpoints (and at the end)"),
     "seed": (0, "seed for weights, data and noise"),
 }
@@ -213,6 +214,12 @@ def main(argv=None):
         images = generate(ema, text, grid_prompts, [2, 4, 8, 50], seed=0, shift=cfg["shift"], **SAMPLER)
         save_grid(images, grid_prompts, os.path.join(cfg["out"], "samples", f"step_{step:06d}.png"))
 
+    def write_eval(step):  # so a user can watch the few-step score rise
+        results, _, _ = evaluate(ema, text, [2, 8], EVAL_SIZES["small"], progress=False, shift=cfg["shift"], **SAMPLER)
+        scores = {k: round(r["overall"], 4) for k, r in results.items()}
+        log.write(json.dumps({"step": step, "eval_overall": scores}) + "\n")
+        tqdm.write(f"step {step}: ShapesEval overall " + ", ".join(f"{v:.3f} at {k} steps" for k, v in scores.items()))
+
     log = open(os.path.join(cfg["out"], "log.jsonl"), "a")
     bar = tqdm(total=cfg["iters"], initial=step, desc="train", dynamic_ncols=True)
     t0, seen = time.time(), 0
@@ -253,6 +260,9 @@ def main(argv=None):
         if step % cfg["sample_every"] == 0 or step == cfg["iters"]:
             write_grid(step)
             t0, seen = time.time(), 0  # keep the grid's time out of the throughput figure
+        if cfg["data"] == "shapes" and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == cfg["iters"]):
+            write_eval(step)
+            t0, seen = time.time(), 0
     bar.close()
     print(f"done: {ckpt_path}, samples in {os.path.join(cfg['out'], 'samples')}")
 
