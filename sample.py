@@ -63,19 +63,21 @@ EVAL_SIZES = {"small": 4, "medium": 16, "full": 92}  # 96, 384 and 2208 images p
 
 
 def evaluate(model, text, steps_list, per_tag, seed=0, batch=96, progress=True, **sampler):
-    """ShapesEval -> ({steps: {"overall", tag: accuracy}}, {steps: one image per category}).
-    Image i of the set starts from the same noise at every step count."""
+    """ShapesEval -> ({steps: {"overall", tag: accuracy}}, {steps: (6, 3, H, W)}, 6 prompts): the scores, and the
+    first image of each category for a grid. Image i of the set starts from the same noise at every step count."""
     rows = [m for m in shapes.eval_prompts(per_tag) for _ in range(4)]
-    correct, images = {k: [] for k in steps_list}, {k: [] for k in steps_list}
+    firsts = [4 * per_tag * j for j in range(len(shapes.TAGS))]
+    correct, grid = {k: [] for k in steps_list}, {k: [None] * len(firsts) for k in steps_list}
     for i in tqdm(range(0, len(rows), batch), desc="eval", disable=not progress):
         chunk = rows[i:i + batch]
         out = generate(model, text, [m["prompt"] for m in chunk], steps_list, seed=seed + i, **sampler)
         for k, x in out.items():
             correct[k] += [shapes.judge(np.asarray(to_pil(img)), m) for img, m in zip(x, chunk)]
-            images[k] += list(x)
-    firsts = [4 * per_tag * j for j in range(len(shapes.TAGS))]  # the first image of each category
-    return ({k: shapes.summarize(rows, c) for k, c in correct.items()},
-            {k: torch.stack([images[k][j] for j in firsts]) for k in steps_list}, [rows[j]["prompt"] for j in firsts])
+            for g, j in enumerate(firsts):
+                if i <= j < i + len(chunk):
+                    grid[k][g] = x[j - i]
+    results = {k: shapes.summarize(rows, c) for k, c in correct.items()}
+    return results, {k: torch.stack(v) for k, v in grid.items()}, [rows[j]["prompt"] for j in firsts]
 
 
 def to_pil(x):

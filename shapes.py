@@ -77,14 +77,14 @@ def relations(A, B):
                                   ("below", dy > 0.5)) if ok}
 
 
-def _place(rng, sizes, tries=2000):
-    """Centres for boxes of half-sides `sizes`, inside the frame and apart from each other."""
+def _place(rng, sizes, tries=500):
+    """Centres for boxes of half-sides `sizes`, inside the frame and apart from each other; None if none found."""
     for _ in range(tries):
         pts = [(rng.uniform(r + 0.03, 1 - r - 0.03), rng.uniform(r + 0.03, 1 - r - 0.03)) for r in sizes]
-        if all(max(abs(p[0] - q[0]), abs(p[1] - q[1])) > ri + rj + 0.06
+        if all(max(abs(p[0] - q[0]), abs(p[1] - q[1])) > ri + rj + 0.06  # a gap of 2 pixels at 32 x 32
                for i, (p, ri) in enumerate(zip(pts, sizes)) for q, rj in zip(pts[:i], sizes[:i])):
             return pts
-    raise RuntimeError("could not place the objects without overlap")
+    return None
 
 
 def scene_for(meta, rng):
@@ -97,7 +97,12 @@ def scene_for(meta, rng):
             color = clause.get("color") or list(COLORS)[rng.integers(len(COLORS))]
             objs.append(Obj(clause["cls"], color, 0, 0, rng.uniform(*size)))
     while True:
-        for o, (x, y) in zip(objs, _place(rng, [o.r for o in objs])):
+        pts = _place(rng, [o.r for o in objs])
+        if pts is None:  # crowded: shrink everything a little and try again
+            for o in objs:
+                o.r *= 0.9
+            continue
+        for o, (x, y) in zip(objs, pts):
             o.x, o.y = x, y
         if score(objs, meta):  # position prompts: redraw until the relation is the asked one and unambiguous
             if meta["tag"] != "position" or len(relations(objs[1], objs[0])) == 1:
@@ -255,8 +260,8 @@ def summarize(metas, correct):
 
 
 def mildly_corrupt(img, rng):
-    """Gaussian blur of 0.6 pixel (at 32 px; scaled with the resolution) and pixel noise of std 8 / 255."""
-    blurred = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(0.6 * img.shape[0] / 32)))
+    """Gaussian blur of 0.6 pixel and pixel noise of std 8 / 255."""
+    blurred = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(0.6)))
     return np.clip(blurred + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
 
 
