@@ -11,7 +11,6 @@ ckpt.pt (model, EMA, optimiser, step, config, RNG states; written atomically), l
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
