@@ -11,11 +11,18 @@ image as OUT/images/PPP_NN_SSsteps.png. Also used by train.py for its periodic s
 scores the checkpoint on ShapesEval, our GenEval over the shapes world (see shapes.py): it draws the evaluation
 set at every step count from the same initial noise, judges each image, prints a table like the paper's and writes
 OUT/results.json and OUT/grid.png.
+
+    python sample.py --ckpt out/ckpt.pt --bench --n 256
+
+prints images/s at each step count for a batch of --n random evaluation prompts (guidance's two passes batched).
+Bad input (a missing checkpoint, --steps 0, a negative --cfg, ...) is one line on stderr and exit code 2.
 """
 import argparse
 import json
 import os
 import re
+import sys
+import time
 
 import numpy as np
 import torch
@@ -25,16 +32,78 @@ from tqdm import tqdm
 import selfe
 import shapes
 
-# Sampler defaults (METHOD.md section 5): the paper's omega = 5 and eta = 1; s_k = t_{k+1}.
-SAMPLER = dict(cfg=5.0, eta=1.0, s_k="next")
+# Sampler defaults (METHOD.md section 5): the paper's omega = 5 and s_k = t_{k+1}. eta = 0 (Euler), not the paper's
+# eta = 1: on ShapesEval (README, "Choosing the sampler") eta 0 scored higher at 2, 4 and 8 steps for both methods.
+SAMPLER = dict(cfg=5.0, eta=0.0, s_k="next")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command-line plumbing shared with train.py: bad input is one line on stderr and exit code 2, never a traceback.
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the whole usage first; one line is easier to read
+        raise selfe.InputError(f"{message} (see --help)")
+
+
+def run_cli(main):
+    try:
+        return main()
+    except selfe.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_writable(folder):
+    """Fail now, not at the first save an hour from now."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise selfe.InputError(f"cannot write to {folder!r} ({e.strerror}); choose another --out") from None
+
+
+CKPT_KEYS = {"model", "ema", "opt", "step", "config", "text_dim"}
+
+
+def read_checkpoint(path):
+    """A train.py checkpoint as a dict. weights_only=True: only tensors and plain data are unpickled, so a file
+    crafted to run code on load is refused instead of run."""
+    if not os.path.isfile(path):
+        raise selfe.InputError(f"checkpoint {path!r} does not exist (train.py writes OUT/ckpt.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
+        if "Unsupported global" in str(e):  # a pickled function or class: the way a file runs code on load
+            raise selfe.InputError(f"refusing to load {path!r}: it holds Python objects, not just tensors and plain "
+                                   f"data, and could run code on load (train.py never writes such files)") from None
+        raise selfe.InputError(f"{path!r} is not a readable checkpoint (truncated, or not written by train.py: "
+                               f"{type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not CKPT_KEYS <= set(ckpt):
+        raise selfe.InputError(f"{path!r} is not a train.py checkpoint (it lacks {sorted(CKPT_KEYS)})")
+    return ckpt
+
+
+def load_weights(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:  # size mismatch or missing keys
+        raise selfe.InputError(f"{path!r} was saved by a model of another shape; keep --model, --res and --patch "
+                               f"as they were, or start a new --out") from None
 
 
 def load_checkpoint(path, device="cpu"):
-    """-> (EMA model in eval mode, run config, step). Checkpoints hold only tensors and plain data: weights_only."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """-> (EMA model in eval mode, run config, step)."""
+    ckpt = read_checkpoint(path)
     cfg = ckpt["config"]
     model = build_model(cfg, text_dim=ckpt["text_dim"])
-    model.load_state_dict(ckpt["ema"])
+    load_weights(model, ckpt["ema"], path)
     return model.to(device).eval(), cfg, ckpt["step"]
 
 
@@ -42,9 +111,14 @@ def build_model(cfg, text_dim):
     return selfe.DiT(res=cfg["res"], patch=cfg["patch"], text_dim=text_dim, **selfe.MODELS[cfg["model"]])
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling, scoring, timing
+
+
 @torch.no_grad()
-def generate(model, text, prompts, steps_list, seed=0, cfg=5.0, eta=1.0, s_k="next", shift=1.0):
-    """-> {steps: (P, 3, H, W) images in [-1, 1]}. The initial noise depends on the seed only, not on the steps."""
+def generate(model, text, prompts, steps_list, seed=0, shift=1.0, **sampler):
+    """-> {steps: (P, 3, H, W) images in [-1, 1]}. The initial noise depends on the seed only, not on the steps.
+    sampler: cfg, eta, s_k (SAMPLER where not given)."""
     device = next(model.parameters()).device
     cond, null = text(prompts), text([""] * len(prompts))
     gen = torch.Generator().manual_seed(seed)
@@ -52,8 +126,7 @@ def generate(model, text, prompts, steps_list, seed=0, cfg=5.0, eta=1.0, s_k="ne
     out = {}
     for steps in steps_list:
         gen.manual_seed(seed + 1)  # the fresh noise of eta > 0 is the same for every step count too
-        x = selfe.sample(model, noise, cond, null, steps=steps, cfg=cfg, eta=eta, s_k=s_k, shift=shift,
-                         generator=gen)
+        x = selfe.sample(model, noise, cond, null, steps=steps, shift=shift, generator=gen, **{**SAMPLER, **sampler})
         out[steps] = x.float().clamp(-1, 1).cpu()
     return out
 
@@ -80,6 +153,21 @@ def evaluate(model, text, steps_list, per_tag, seed=0, batch=96, progress=True, 
     return results, {k: torch.stack(v) for k, v in grid.items()}, [rows[j]["prompt"] for j in firsts]
 
 
+def sampling_speed(model, text, steps_list, batch, **sampler):
+    """-> {steps: images/s}, batched, CFG's two passes as one batch, after a warm-up run of 8 steps."""
+    prompts = [m["prompt"] for m in shapes.eval_prompts(-(-batch // len(shapes.TAGS)))][:batch]
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    generate(model, text, prompts, [8], **sampler)
+    speed = {}
+    for steps in steps_list:
+        sync()
+        t0 = time.perf_counter()
+        generate(model, text, prompts, [steps], **sampler)
+        sync()
+        speed[steps] = batch / (time.perf_counter() - t0)
+    return speed
+
+
 def to_pil(x):
     """(3, H, W) in [-1, 1] -> PIL image."""
     return Image.fromarray(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
@@ -101,12 +189,23 @@ def save_grid(images, prompts, path, cell=96):
     grid.save(path)
 
 
+def parse_steps(text):
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise selfe.InputError(f"--steps {text!r}: give whole numbers separated by commas, e.g. 2,4,8,50") from None
+    if min(steps) < 1:
+        raise selfe.InputError(f"--steps {text!r}: every step count must be at least 1")
+    return steps
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--eval", action="store_true", help="score the checkpoint on ShapesEval instead of prompts")
     p.add_argument("--eval-size", choices=list(EVAL_SIZES), default="small",
                    help="prompts per category x 4 images: small 96, medium 384, full 2208 images per step count")
+    p.add_argument("--bench", action="store_true", help="print images/s at each step count (batch of --n)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file, one prompt per line")
     p.add_argument("--steps", default="2,4,8,50", help="comma-separated step counts")
@@ -114,23 +213,44 @@ def main():
     p.add_argument("--eta", type=float, default=SAMPLER["eta"], help="0 = deterministic Euler, 1 = DDPM-like")
     p.add_argument("--s-k", default=SAMPLER["s_k"], help="target time per step: 'next' = t_{k+1}, or f * t_k")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--n", type=int, default=1, help="images per prompt (--bench: the batch size)")
     p.add_argument("--out", default="samples")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
     prompts = list(args.prompt)
     if args.prompts:
-        with open(args.prompts) as f:
-            prompts += [line.strip() for line in f if line.strip()]
-    if not prompts and not args.eval:
-        p.error("give at least one --prompt or a --prompts file, or --eval")
-    steps_list = [int(s) for s in args.steps.split(",")]
-    s_k = args.s_k if args.s_k == "next" else float(args.s_k)
+        try:
+            with open(args.prompts) as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise selfe.InputError(f"--prompts {args.prompts!r}: {e.strerror}") from None
+    if not prompts and not (args.eval or args.bench):
+        raise selfe.InputError("give at least one --prompt or a --prompts file, or --eval, or --bench")
+    steps_list = parse_steps(args.steps)
+    if args.cfg < 0:
+        raise selfe.InputError(f"--cfg {args.cfg}: the guidance scale must be >= 0 (1 = no guidance)")
+    if not 0 <= args.eta <= 1:
+        raise selfe.InputError(f"--eta {args.eta}: must lie in [0, 1]")
+    if args.n < 1:
+        raise selfe.InputError(f"--n {args.n}: must be at least 1")
+    try:
+        s_k = args.s_k if args.s_k == "next" else float(args.s_k)
+    except ValueError:
+        raise selfe.InputError(f"--s-k {args.s_k!r}: 'next' or a number in (0, 1]") from None
+    if not args.bench:
+        check_writable(args.out)
 
     model, cfg, step = load_checkpoint(args.ckpt, args.device)
     text = selfe.TextEncoder(cfg["text_encoder"], cfg["text_len"], args.device)
     sampler = dict(cfg=args.cfg, eta=args.eta, s_k=s_k, shift=cfg["shift"])
+    if args.bench:
+        speed = sampling_speed(model, text, steps_list, args.n, **sampler)
+        device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+        print(f"sampling speed, batch {args.n}, cfg {args.cfg} ({'two passes batched' if args.cfg != 1 else 'one pass'}"
+              f"), {device}")
+        print("| steps | images/s |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in speed.items()))
+        return
     if args.eval:
         results, images, names = evaluate(model, text, steps_list, EVAL_SIZES[args.eval_size], args.seed, **sampler)
         save_grid(images, names, os.path.join(args.out, "grid.png"))
@@ -153,4 +273,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -19,6 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+class InputError(ValueError):
+    """Bad input from the user (a path, a flag, a file). train.py and sample.py print it as one line, exit code 2."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Noise path and the sample head
 
@@ -65,15 +70,17 @@ def cond_cat(a, b):
 # 2. Training objective
 
 
-def sample_times(n, tau, p_equal=0.5, shift=1.0, device=None):
-    """Time pairs for one batch (METHOD.md section 3, steps 2-3).
-    t: logit-normal, then shifted. s = t with probability p_equal, else s ~ U((1 - tau) t, t).
-    tau ramps 0 -> 1 early in training, so the jumps the model must make grow from nothing to the whole path."""
+def sample_times(n, tau, n_self, shift=1.0, device=None):
+    """Time pairs for one batch (METHOD.md section 3, steps 2-3). t: logit-normal, then shifted.
+    The first n_self rows get s ~ U((1 - tau) t, t), the others s = t; tau ramps 0 -> 1 early in training, so the
+    jumps the model must make grow from nothing to the whole path. The paper draws s = t per row with probability
+    p_equal; we fix the count instead, n_self = (1 - p_equal) B (ours). Every row has the same odds either way (the
+    batch is i.i.d., so which rows get s < t does not matter), and a fixed count gives the extra passes a fixed
+    batch size: no recompiles under torch.compile and no host sync to find the rows."""
     t = shift_time(torch.sigmoid(torch.randn(n, device=device)), shift)
     t = t.clamp(1e-3, 1 - 1e-3)  # keeps t/(1-t) and 1/t^2 finite; ours
-    s = t - tau * t * torch.rand(n, device=device)
-    s = torch.where(torch.rand(n, device=device) < p_equal, t, s.clamp(min=1e-3))
-    return t, s
+    s = (t - tau * t * torch.rand(n, device=device)).clamp(min=1e-3)
+    return t, torch.where(torch.arange(n, device=device) < n_self, s, t)
 
 
 def lambda_st(t, s):
@@ -132,11 +139,10 @@ def selfe_loss(net, x0, cond, null, fake=None, *, method="selfe", tau=1.0, p_equ
     method "fm" is the flow-matching baseline: s = t always, no self-evaluation, nothing else changes.
     renorm=False is the paper's ablation "w/o target norm" (Eqs. 16/18)."""
     B = x0.shape[0]
+    m = 0 if method == "fm" else round((1 - p_equal) * B)  # rows [0, m) have s < t (sample_times)
     drop = torch.rand(B, device=x0.device) < p_null  # classifier-free guidance needs null-prompt training
     cond = cond_where(drop, null, cond)
-    t, s = sample_times(B, tau, p_equal, shift, x0.device)
-    if method == "fm":
-        s = t
+    t, s = sample_times(B, tau, m, shift, x0.device)
     s = torch.where(drop, t, s)  # null-prompt rows learn from data only (ours)
 
     eps = torch.randn_like(x0)
@@ -144,12 +150,13 @@ def selfe_loss(net, x0, cond, null, fake=None, *, method="selfe", tau=1.0, p_equ
     x0_hat = G(net, x_t, t, s, cond)  # the one grad pass, (B, ...)
 
     target, aux = x0, x0.new_zeros(1)
-    idx = (s < t).nonzero().squeeze(1)  # the extra passes run on these rows only: elsewhere lambda = 0
-    if idx.numel() > 0:
-        take = lambda c: None if c is None else cond_map(lambda leaf: leaf[idx], c)  # noqa: E731
-        target_i, aux = self_eval_target(net, x0[idx], x0_hat[idx], t[idx], s[idx], take(cond), take(null),
-                                         take(fake), renorm, aux_k, eval_net)
-        target = x0.index_copy(0, idx, target_i.to(x0.dtype))
+    if m > 0:  # the extra passes run on rows [0, m) only: elsewhere lambda = 0
+        head = lambda c: None if c is None else cond_map(lambda leaf: leaf[:m], c)  # noqa: E731
+        target_m, aux = self_eval_target(net, x0[:m], x0_hat[:m], t[:m], s[:m], head(cond), head(null), head(fake),
+                                         renorm, aux_k, eval_net)
+        is_self = s[:m] < t[:m]  # False on null-prompt rows (and everywhere while tau = 0): target x0, no aux
+        target = torch.cat([torch.where(bcast(is_self, x0[:m]), target_m.to(x0.dtype), x0[:m]), x0[m:]])
+        aux = aux * is_self
 
     # Eqs. 20-21: ||x0_hat - target||^2 / t^2. On s = t rows (target x0) this is exactly the flow-matching loss
     # ||V - v||^2 with v = eps - x0 (Eq. 2), since x0_hat - x0 = t (v - V).
@@ -157,7 +164,8 @@ def selfe_loss(net, x0, cond, null, fake=None, *, method="selfe", tau=1.0, p_equ
     if not renorm:
         per_row = per_row * (1 + lambda_st(t, s))  # Eq. 16: two squares folded into one carry this factor
     loss = per_row.mean() + aux.sum() / B
-    return loss, {"frac_self": idx.numel() / B, "aux": aux.detach().sum() / B}
+    # stats stay on the device: reading them would stall the GPU every step
+    return loss, {"frac_self": (s < t).float().mean(), "aux": aux.detach().sum() / B}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,6 +194,8 @@ def sample(net, noise, cond, null=None, steps=4, cfg=5.0, eta=0.0, s_k="next", s
     (1.0 behaves like plain flow matching; 0.5 is the paper's best for 1 step without CFG).
     eta = 0: deterministic Euler (Eq. 22). eta = 1: DDPM-like, what the paper reports.
     Fresh noise comes from `generator` on the CPU, so a seed gives the same images on any device."""
+    if steps < 1:
+        raise InputError(f"steps must be >= 1, got {steps}")
     ts = time_grid(steps, shift).tolist()
     x, B = noise, noise.shape[0]
     for k in range(steps):
@@ -285,7 +295,7 @@ class DiT(nn.Module):
     def __init__(self, res=32, patch=4, channels=3, dim=128, depth=4, heads=4, text_dim=384):
         super().__init__()
         assert res % patch == 0, f"resolution {res} is not divisible by patch size {patch}"
-        self.res, self.patch, self.channels = res, patch, channels
+        self.res, self.patch, self.channels, self.dim, self.text_dim = res, patch, channels, dim, text_dim
         self.x_embed = nn.Conv2d(channels, dim, patch, stride=patch)
         self.register_buffer("pos", pos_embed_2d(dim, res // patch), persistent=False)  # (T, D)
         self.t_embed = TimeEmbedder(dim)
@@ -315,6 +325,14 @@ class DiT(nn.Module):
         for layer in (self.final.ada[1], self.final.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def flops(self, text_len):
+        """Forward FLOPs per image (2 per multiply-add, matmuls only), for MFU. Per token and block: qkv, proj and
+        the 4x MLP, 24 D^2; attention scores and values, 4 N D; per image and block: the adaLN, 12 D^2."""
+        D, T = self.dim, (self.res // self.patch) ** 2
+        N = T + text_len
+        blocks = len(self.blocks) * (24 * D * D * N + 4 * N * N * D + 12 * D * D)
+        return blocks + 4 * T * D * self.patch**2 * self.channels + 2 * text_len * self.text_dim * D  # in, out, text
 
     def unpatchify(self, x, h, w):  # (B, T, p*p*C) -> (B, C, H, W)
         p, C = self.patch, self.channels
@@ -361,16 +379,20 @@ def resolve_text_encoder(name):
 
 
 class TextEncoder:
-    """Frozen Hugging Face encoder -> (tokens (B, L, Dt), mask (B, L) bool, pooled (B, Dt)), cached per caption.
-    L is fixed (max_len) so conditions of different prompts stack and cat; the empty string is the null prompt."""
+    """Frozen Hugging Face encoder -> (tokens (B, L, Dt), mask (B, L) bool, pooled (B, Dt)), cached per caption on
+    the device. L is fixed (max_len) so conditions of different prompts stack and cat; "" is the null prompt."""
 
     def __init__(self, name="default", max_len=32, device="cpu"):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging
         logging.disable_progress_bar()  # no "Loading weights" bar on every run
         path = resolve_text_encoder(name)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"text encoder {name!r}: cannot load it ({str(e).splitlines()[0]}); give a local folder "
+                             f"or a Hugging Face id (the first load needs the internet), or 'default'") from None
         self.dim, self.max_len, self.device = self.model.config.hidden_size, max_len, device
         self.cache = {}
 
@@ -388,6 +410,6 @@ class TextEncoder:
         for i in range(0, len(new), 256):
             chunk = new[i:i + 256]
             for c, *leaves in zip(chunk, *self.encode(chunk)):
-                self.cache[c] = tuple(leaves)
+                self.cache[c] = tuple(leaf.to(self.device) for leaf in leaves)
         rows = [self.cache[c] for c in captions]
-        return tuple(torch.stack(leaf).to(self.device) for leaf in zip(*rows))
+        return tuple(torch.stack(leaf) for leaf in zip(*rows))

@@ -303,19 +303,15 @@ def validation_passes(rows):
 
 
 class ShapesData:
-    """Infinite, seeded stream of (images in [-1, 1], captions). The RNG state is plain data (for checkpoints)."""
+    """The shapes world as training data: batch(n, rng) -> (images (n, 3, res, res) in [-1, 1], captions)."""
 
-    def __init__(self, res=32, seed=0):
-        self.res, self.rng = res, np.random.default_rng(seed)
+    def __init__(self, res=32):
+        self.res = res
 
-    def sample(self):
-        meta = random_prompt(self.rng)
-        return render(scene_for(meta, self.rng), self.res), meta["prompt"]
-
-    def batch(self, n):
-        imgs, caps = zip(*(self.sample() for _ in range(n)))
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, res, res)
-        return x, list(caps)
+    def batch(self, n, rng):
+        metas = [random_prompt(rng) for _ in range(n)]
+        imgs = np.stack([render(scene_for(m, rng), self.res) for m in metas])
+        return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, [m["prompt"] for m in metas]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,378 @@
+"""Fault injection: bad input, interruptions, kill -9, non-finite steps, unsafe checkpoints, several processes.
+
+Each test fails if the behaviour it names regresses. The CLI contract for bad input: one line on stderr that starts
+with "error:", exit code 2, no traceback.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
+import sample  # noqa: E402
+import selfe  # noqa: E402
+import train  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+# A short run whose steps are fast; the fake-score term switches on and the tau ramp ends inside it
+RUN = ["--preset", "cpu", "--iters", "120", "--batch-size", "4", "--res", "16", "--aux-start", "0.5",
+       "--log-every", "1", "--eval-every", "0", "--sample-every", "100000"]
+
+
+def expect_input_error(main, argv, capsys, monkeypatch):
+    """Run a CLI in-process as its __main__ does; -> its stderr, after checking the contract."""
+    monkeypatch.setattr(sys, "argv", ["prog", *argv])
+    with pytest.raises(SystemExit) as e:
+        sample.run_cli(main)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # a progress bar may come before it
+    assert e.value.code == 2 and last.startswith("error: ") and "Traceback" not in err, err
+    return last
+
+
+def write_ckpt_run(tmp_path):
+    out = str(tmp_path / "good")
+    train.main(["--out", out, *RUN[:2], "--iters", "2", "--batch-size", "2", "--res", "16", "--log-every", "1",
+                "--eval-every", "0", "--sample-every", "100"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Bad input: one clear line, exit code 2
+
+
+def image_folder(root, names, caption=True):
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("RGB", (20, 20), "red").save(root / name)
+        if caption:
+            (root / name).with_suffix(".txt").write_text("a photo of a red square")
+    return str(root)
+
+
+@pytest.mark.parametrize("case", ["no_folder", "no_images", "no_captions", "all_broken", "res_patch", "preset",
+                                  "method", "iters", "text_encoder", "resume_missing", "exists_no_resume",
+                                  "out_unwritable"])
+def test_train_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "out")
+    broken = tmp_path / "broken"
+    if case == "all_broken":
+        image_folder(broken, ["a.png"])
+        (broken / "b.png").write_bytes(b"not a png")
+        (broken / "b.txt").write_text("x")
+        data = open(broken / "a.png", "rb").read()
+        (broken / "a.png").write_bytes(data[: len(data) // 2])  # truncated
+    if case == "exists_no_resume":
+        os.makedirs(out)
+        open(os.path.join(out, "ckpt.pt"), "w").close()
+    (tmp_path / "file").write_text("x")
+    argv, expected = {
+        "no_folder": (["--data", str(tmp_path / "nope")], "no such folder"),
+        "no_images": (["--data", str(tmp_path)], "no images"),
+        "no_captions": (["--data", image_folder(tmp_path / "nocap", ["a.png", "b.jpg"], caption=False)],
+                        "2 without a caption"),
+        "all_broken": (["--data", str(broken)], "2 unreadable"),
+        "res_patch": (["--res", "30", "--patch", "4"], "not a multiple of --patch"),
+        "preset": (["--preset", "tpu"], "invalid choice: 'tpu'"),
+        "method": (["--method", "gan"], "invalid choice: 'gan'"),
+        "iters": (["--iters", "0"], "at least 1"),
+        "text_encoder": (["--text-encoder", "no-such-org/no-such-encoder"], "text encoder"),
+        "resume_missing": (["--resume"], "does not exist"),
+        "exists_no_resume": ([], "add --resume"),
+        "out_unwritable": (["--out", str(tmp_path / "file" / "run")], "cannot write"),
+    }[case]
+    argv = ["--out", out, "--preset", "cpu", *argv] if "--out" not in argv else ["--preset", "cpu", *argv]
+    assert expected in expect_input_error(train.main, argv, capsys, monkeypatch)
+
+
+def test_checkpoint_errors_for_train_and_sample(tmp_path, capsys, monkeypatch):
+    good = write_ckpt_run(tmp_path)
+    ckpt = os.path.join(good, "ckpt.pt")
+    text_file, truncated = tmp_path / "notes.pt", tmp_path / "cut" / "ckpt.pt"
+    text_file.write_text("not a checkpoint")
+    truncated.parent.mkdir()
+    truncated.write_bytes(open(ckpt, "rb").read()[:100_000])
+    for path, expected in [(str(tmp_path / "none.pt"), "does not exist"), (str(text_file), "not a readable"),
+                           (str(truncated), "not a readable")]:
+        assert expected in expect_input_error(sample.main, ["--ckpt", path, "--prompt", "x", "--out",
+                                                            str(tmp_path / "s")], capsys, monkeypatch)
+    assert "not a readable" in expect_input_error(train.main, ["--out", str(truncated.parent), "--resume"],
+                                                  capsys, monkeypatch)
+    assert "another shape" in expect_input_error(train.main, ["--out", good, "--resume", "--model", "small"],
+                                                 capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--steps", "0"], "at least 1"), (["--steps", "2,x"], "whole numbers"), (["--cfg", "-1"], ">= 0"),
+    (["--eta", "2"], "[0, 1]"), ([], "give at least one --prompt"), (["--s-k", "half"], "--s-k"),
+])
+def test_sample_bad_input_is_one_line_and_exit_2(argv, expected, tmp_path, capsys, monkeypatch):
+    argv = ["--ckpt", "unused.pt", "--out", str(tmp_path), *argv, *(["--prompt", "x"] if argv else [])]
+    assert expected in expect_input_error(sample.main, argv, capsys, monkeypatch)
+
+
+def test_sample_unwritable_out(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    argv = ["--ckpt", "unused.pt", "--prompt", "x", "--out", str(tmp_path / "file" / "out")]
+    assert "cannot write" in expect_input_error(sample.main, argv, capsys, monkeypatch)
+
+
+def test_the_real_command_line_prints_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                       cwd=HERE, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: --data")
+
+
+def test_odd_images_are_converted_and_bad_files_skipped_and_counted(tmp_path, capsys):
+    root = tmp_path / "odd"
+    root.mkdir()
+    imgs = {"gray.png": Image.new("L", (30, 50), 200), "pal.png": Image.new("RGB", (24, 24), "blue").convert("P"),
+            "rgba.png": Image.new("RGBA", (20, 20), (0, 0, 255, 0)), "tiny.png": Image.new("RGB", (1, 1), "red"),
+            "deep.png": Image.fromarray(np.full((16, 16), 32896, np.uint16)), "wide.jpg": Image.new("RGB", (90, 10))}
+    for name, img in imgs.items():
+        img.save(root / name)
+        (root / name).with_suffix(".txt").write_text(f"a photo of {name}")
+    Image.new("RGB", (8, 8)).save(root / "nocaption.png")
+    (root / "broken.png").write_bytes(open(root / "gray.png", "rb").read()[:40])
+    (root / "broken.txt").write_text("a broken file")
+    data = train.FolderData(str(root), 8)
+    assert "6 images" in capsys.readouterr().out and len(data.images) == 6
+    assert data.images.shape == (6, 8, 8, 3) and data.images.dtype == np.uint8
+    by_name = dict(zip(sorted(n for n in imgs), data.images))
+    assert np.all(by_name["deep.png"] == 128)  # 16-bit mid-grey stays mid-grey, not clipped to white
+    assert np.all(by_name["rgba.png"] == 255)  # fully transparent -> white
+    assert np.all(by_name["tiny.png"] == [255, 0, 0]) and np.all(by_name["gray.png"] == 200)
+    assert np.all(by_name["pal.png"] == [0, 0, 255])
+    x, caps = data.batch(5, np.random.default_rng(0))
+    assert x.shape == (5, 3, 8, 8) and all(c.startswith("a photo of") for c in caps)
+
+
+def test_folder_report_and_a_bad_metadata_line(tmp_path, capsys):
+    root = tmp_path / "mixed"
+    image_folder(root, ["a.png", "b.png"])
+    Image.new("RGB", (8, 8)).save(root / "c.png")  # no caption
+    train.FolderData(str(root), 8)
+    assert f"data: 2 images from {root}; skipped 1 without a caption, 0 unreadable (e.g. c.png)" in \
+        capsys.readouterr().out
+    with open(root / "metadata.jsonl", "w") as f:
+        f.write('{"file_name": "a.png", "text": "a photo"}\nnot json\n')
+    with pytest.raises(selfe.InputError, match="line 2"):
+        train.FolderData(str(root), 8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Interruptions and exact resume
+
+
+def start(out, *extra):
+    return subprocess.Popen([sys.executable, "train.py", "--out", out, *RUN, *extra], cwd=HERE, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def last_step(out):
+    try:
+        with open(os.path.join(out, "log.jsonl")) as f:
+            steps = [json.loads(line)["step"] for line in f if line.strip().startswith("{")]
+    except (OSError, ValueError):  # not there yet, or a line half-written at a kill
+        return 0
+    return steps[-1] if steps else 0
+
+
+def wait_for(out, proc, step, timeout=300):
+    t0 = time.time()
+    while last_step(out) < step and proc.poll() is None and time.time() - t0 < timeout:
+        time.sleep(0.05)
+
+
+def finish(out, *extra):
+    r = subprocess.run([sys.executable, "train.py", "--out", out, *RUN, *extra], cwd=HERE, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+
+
+def assert_same_state(a, b):
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The run in one go."""
+    return finish(str(tmp_path_factory.mktemp("ref") / "run"))
+
+
+def test_ctrl_c_and_sigterm_save_and_resume_is_bit_exact(reference, tmp_path):
+    out = str(tmp_path / "run")
+    steps = []
+    for sig, extra in ((signal.SIGINT, ()), (signal.SIGTERM, ("--resume",))):
+        proc = start(out, *extra)
+        wait_for(out, proc, last_step(out) + 15)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "interrupted at step" in stdout, stderr[-2000:]
+        steps.append(torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"])
+    assert 15 <= steps[0] < steps[1] < 120  # each run was stopped part-way, and the second went on from the first
+    done = finish(out, "--resume")
+    assert_same_state(done, reference)  # same weights, EMA and optimiser state, bit for bit
+    with open(os.path.join(out, "log.jsonl")) as f:
+        logged = [json.loads(line)["step"] for line in f]
+    assert logged == list(range(1, 121))  # the step count went on where it stopped
+
+
+def test_kill_9_never_leaves_a_broken_checkpoint(reference, tmp_path):
+    out, rng = str(tmp_path / "run"), random.Random(0)
+    for i in range(4):
+        proc = start(out, "--ckpt-every", "1", *(("--resume",) if i else ()))
+        while not os.path.exists(os.path.join(out, "ckpt.pt")) and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.2, 1.5))  # somewhere in a step or in a checkpoint write
+        proc.kill()
+        proc.wait()
+        ckpt = sample.read_checkpoint(os.path.join(out, "ckpt.pt"))  # whole and loadable, whenever it died
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert_same_state(finish(out, "--resume"), reference)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Numerical faults
+
+
+def faulty_loss(bad_calls, kind="loss"):
+    """selfe_loss with a non-finite loss (or, kind='grad', a finite loss with non-finite gradients) on some calls."""
+    real, calls = selfe.selfe_loss, [0]
+
+    def loss_fn(net, *args, **kwargs):
+        loss, stats = real(net, *args, **kwargs)
+        calls[0] += 1
+        if bad_calls(calls[0]):
+            p = next(net.parameters())
+            loss = loss * float("nan") if kind == "loss" else loss + 0 * (p - p.detach()).abs().sqrt().sum()
+        return loss, stats
+    return loss_fn
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_non_finite_steps_are_skipped_and_counted(kind, tmp_path, monkeypatch):
+    monkeypatch.setattr(selfe, "selfe_loss", faulty_loss(lambda k: k in (3, 4, 7), kind))
+    out = str(tmp_path / "run")
+    model = train.main(["--out", out, *RUN, "--iters", "10"])
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["skipped"] for r in log] == [0, 0, 1, 2, 2, 2, 3, 3, 3, 3]
+    assert all(r["loss"] is None if r["step"] in (3, 4, 7) else np.isfinite(r["loss"]) for r in log)
+    assert all(p.isfinite().all() for p in model.parameters())
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["skipped"] == 3
+
+
+def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    train.main(["--out", out, *RUN, "--iters", "4"])
+    before = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    monkeypatch.setattr(selfe, "selfe_loss", faulty_loss(lambda k: True))
+    with pytest.raises(SystemExit, match="10 steps in a row had a non-finite"):
+        train.main(["--out", out, "--resume", "--iters", "40", "--ckpt-every", "1"])
+    after = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert after["skipped"] == 9 and after["step"] == 13  # saved before the tenth; the tenth stopped the run
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])  # no update got in
+
+
+def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
+    model, opt = torch.nn.Linear(2, 2), None
+    path = str(tmp_path / "ckpt.pt")
+    with open(path, "wb") as f:
+        f.write(b"the last good checkpoint")
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(SystemExit, match="non-finite weights"):
+        train.save_checkpoint(path, model, model, opt, 5, {}, 384, 0)
+    assert open(path, "rb").read() == b"the last good checkpoint"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Checkpoints that would run code are refused
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creating a file stands in for anything an attacker would run
+
+
+def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, capsys, monkeypatch):
+    marker = str(tmp_path / "pwned")
+    path = str(tmp_path / "evil.pt")
+    torch.save({"model": RunsCode(marker), "ema": {}, "opt": {}, "step": 0, "config": {}, "text_dim": 384}, path)
+    err = expect_input_error(sample.main, ["--ckpt", path, "--prompt", "x", "--out", str(tmp_path / "s")],
+                             capsys, monkeypatch)
+    assert "refusing to load" in err and not os.path.exists(marker)
+    os.makedirs(tmp_path / "run")
+    os.replace(path, tmp_path / "run" / "ckpt.pt")
+    err = expect_input_error(train.main, ["--out", str(tmp_path / "run"), "--resume"], capsys, monkeypatch)
+    assert "refusing to load" in err and not os.path.exists(marker)
+    torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)  # the file really is hostile: unsafe loading runs it
+    assert os.path.exists(marker)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Several processes (torchrun, gloo on the CPU) and the speed figures
+
+WRAPPER = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import train
+model = train.main(sys.argv[1:])
+torch.save(model.state_dict(), os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def test_two_processes_with_gloo_hold_identical_weights_and_resume(tmp_path):
+    out = str(tmp_path / "run")
+    wrapper = tmp_path / "wrap.py"
+    wrapper.write_text(WRAPPER.format(here=HERE, out=out))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+              "--out", out, *RUN, "--batch-size", "8", "--aux-start", "0"]
+    for extra in (["--iters", "3"], ["--iters", "5", "--resume"]):
+        r = subprocess.run(launch + extra, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        w0, w1 = (torch.load(os.path.join(out, f"rank{i}.pt"), weights_only=True) for i in (0, 1))
+        assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 5 and all(torch.equal(ckpt["model"][k], w0[k]) for k in w0)
+    torch.manual_seed(0)
+    fresh = sample.build_model(ckpt["config"], ckpt["text_dim"]).state_dict()
+    assert not all(torch.equal(fresh[k], w0[k]) for k in w0)  # it trained
+    logged = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert logged == [1, 2, 3, 4, 5]  # one log, written by rank 0 only
+
+
+def test_bench_prints_the_figures(capsys):
+    for method in ("fm", "selfe"):
+        train.main(["--bench", "--method", method, "--preset", "cpu", "--batch-size", "4", "--res", "16"])
+    out = capsys.readouterr().out
+    for method in ("fm", "selfe"):
+        line = next(line for line in out.splitlines() if line.startswith(f"bench: {method} |"))
+        assert "ms/step" in line and "img/s" in line and "peak mem" in line
+
+
+def test_sample_bench_prints_images_per_second(tmp_path, capsys, monkeypatch):
+    ckpt = os.path.join(write_ckpt_run(tmp_path), "ckpt.pt")
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--bench", "--steps", "2,8", "--n", "4"])
+    sample.main()
+    out = capsys.readouterr().out
+    rates = {int(r.split("|")[1]): float(r.split("|")[2]) for r in out.splitlines() if r.startswith("| ") and
+             r.split("|")[1].strip().isdigit()}
+    assert set(rates) == {2, 8} and rates[2] > rates[8] > 0
