@@ -438,7 +438,8 @@ def train(argv, interrupt):
         fig = speed(float(np.median(blocks)), BENCH_BLOCK, step_flops(model, cfg, batch, aux_on(at, cfg)),
                     cfg["batch_size"], device)
         if rank == 0:
-            where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+            where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                     else f"cpu, {torch.get_num_threads()} threads")
             print(f"bench: {cfg['method']} | {describe(fig)} | {cfg['preset']} preset, model {cfg['model']}, batch "
                   f"{cfg['batch_size']}, {world} process(es), compile {'on' if net is not model else 'off'}, {where}")
         return model
@@ -497,12 +498,14 @@ def train(argv, interrupt):
             if rank == 0:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{rec['loss'] or float('nan'):.4f}", img_s=f"{rec['img_per_s']:.0f}", tau=f"{rec['tau']:.2f}")
+                shown = float("nan") if rec["loss"] is None else rec["loss"]
+                bar.set_postfix(loss=f"{shown:.4f}", img_s=f"{rec['img_per_s']:.0f}", tau=f"{rec['tau']:.2f}")
             for acc in (bad_sum, loss_sum, frac_sum):
                 acc.zero_()
             t0, window = time.perf_counter(), 0
         # one process alone checks every step; several agree at log steps only (a check costs a sync)
-        stop = interrupt.requested if world == 1 else step % cfg["log_every"] == 0 and agree(interrupt.requested, device)
+        stop = interrupt.requested if world == 1 else (step % cfg["log_every"] == 0
+                                                        and agree(interrupt.requested, device))
         if step % cfg["ckpt_every"] == 0 or last or stop:
             checkpoint(step)
         if stop:
