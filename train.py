@@ -462,14 +462,15 @@ def train(argv, interrupt):
 
     def checkpoint(step):
         if rank == 0:
-            save_checkpoint(ckpt_path, model, ema, opt, step, cfg, text.dim, skipped + int(n_bad.item()))
+            save_checkpoint(ckpt_path, model, ema, opt, step, cfg, text.dim, int(n_bad.item()))
 
     log = open_log(os.path.join(cfg["out"], "log.jsonl")) if rank == 0 else None
     loader = batches(Batches(data, batch, cfg["seed"], rank), range(step, cfg["iters"]), cfg["workers"],
                      device.type == "cuda")
     bar = tqdm(total=cfg["iters"], initial=step, desc="train", dynamic_ncols=True, disable=rank > 0)
     zero = torch.zeros((), device=device)  # running figures live on the device, read every log_every steps
-    n_bad, streak, worst, bad_sum, loss_sum, frac_sum = (zero.clone() for _ in range(6))
+    streak, worst, bad_sum, loss_sum, frac_sum = (zero.clone() for _ in range(5))
+    n_bad = zero + skipped  # skipped steps over the whole run, resumes included
     t0, window = time.perf_counter(), 0
     for x0, captions in loader:
         loss, grad_norm, bad, stats = train_step(step, x0, captions)
@@ -494,7 +495,7 @@ def train(argv, interrupt):
             rec = {"step": step, "loss": loss_sum.item() / good if good else None,
                    "grad_norm": grad_norm.item(), "lr": lr_at(step - 1, cfg), "tau": tau_at(step - 1, cfg),
                    "aux": float(stats["aux"]), "frac_self": frac_sum.item() / window,
-                   "skipped": skipped + int(n_bad.item()), **fig, "time": time.time()}
+                   "skipped": int(n_bad.item()), **fig, "time": time.time()}
             if rank == 0:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
