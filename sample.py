@@ -154,17 +154,21 @@ def evaluate(model, text, steps_list, per_tag, seed=0, batch=96, progress=True, 
 
 
 def sampling_speed(model, text, steps_list, batch, **sampler):
-    """-> {steps: images/s}, batched, CFG's two passes as one batch, after a warm-up run of 8 steps."""
+    """-> {steps: images/s}, batched, CFG's two passes as one batch, after a warm-up run of 8 steps; the median of
+    3 timings, since one short timing on a busy machine can be far off."""
     prompts = [m["prompt"] for m in shapes.eval_prompts(-(-batch // len(shapes.TAGS)))][:batch]
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     generate(model, text, prompts, [8], **sampler)
     speed = {}
     for steps in steps_list:
-        sync()
-        t0 = time.perf_counter()
-        generate(model, text, prompts, [steps], **sampler)
-        sync()
-        speed[steps] = batch / (time.perf_counter() - t0)
+        times = []
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            generate(model, text, prompts, [steps], **sampler)
+            sync()
+            times.append(time.perf_counter() - t0)
+        speed[steps] = batch / float(np.median(times))
     return speed
 
 
@@ -175,8 +179,8 @@ def to_pil(x):
 
 def save_grid(images, prompts, path, cell=96):
     """images: {steps: (P, 3, H, W)}. One row per prompt (its text on the left), one column per step count."""
-    font = ImageFont.load_default()
-    cols, label_w, head_h = list(images), 8 + int(max(font.getlength(p) for p in prompts)), 16
+    font = ImageFont.load_default(size=13)  # the default size, 10, runs words together
+    cols, label_w, head_h = list(images), 8 + int(max(font.getlength(p) for p in prompts)), 18
     grid = Image.new("RGB", (label_w + cell * len(cols), head_h + cell * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)
     for j, steps in enumerate(cols):
@@ -184,7 +188,7 @@ def save_grid(images, prompts, path, cell=96):
         for i, x in enumerate(images[steps]):
             grid.paste(to_pil(x).resize((cell, cell), Image.NEAREST), (label_w + j * cell, head_h + i * cell))
     for i, p in enumerate(prompts):
-        draw.text((4, head_h + i * cell + cell // 2 - 5), p, fill="black", font=font)
+        draw.text((4, head_h + i * cell + cell // 2 - 7), p, fill="black", font=font)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     grid.save(path)
 

@@ -73,14 +73,22 @@ def cond_cat(a, b):
 def sample_times(n, tau, n_self, shift=1.0, device=None):
     """Time pairs for one batch (METHOD.md section 3, steps 2-3). t: logit-normal, then shifted.
     The first n_self rows get s ~ U((1 - tau) t, t), the others s = t; tau ramps 0 -> 1 early in training, so the
-    jumps the model must make grow from nothing to the whole path. The paper draws s = t per row with probability
-    p_equal; we fix the count instead, n_self = (1 - p_equal) B (ours). Every row has the same odds either way (the
-    batch is i.i.d., so which rows get s < t does not matter), and a fixed count gives the extra passes a fixed
-    batch size: no recompiles under torch.compile and no host sync to find the rows."""
+    jumps the model must make grow from nothing to the whole path."""
     t = shift_time(torch.sigmoid(torch.randn(n, device=device)), shift)
     t = t.clamp(1e-3, 1 - 1e-3)  # keeps t/(1-t) and 1/t^2 finite; ours
     s = (t - tau * t * torch.rand(n, device=device)).clamp(min=1e-3)
     return t, torch.where(torch.arange(n, device=device) < n_self, s, t)
+
+
+def self_rows(B, p_equal, p_null):
+    """How many rows of a batch get s < t, and the rate of the empty prompt on the other rows (ours).
+    The paper draws s = t per row with probability p_equal. We fix the count instead and put the empty prompt
+    (which keeps s = t: it learns from data only) on the remaining rows, at the rate that keeps its overall
+    probability p_null. Per conditional row the odds of s < t stay 1 - p_equal up to the rounding of m (the batch
+    is i.i.d., so which rows get what does not matter), and the extra passes get a fixed batch in which every row
+    is used: no recompiles under torch.compile, no host sync to find the rows, no forward on a lambda = 0 row."""
+    m = round((1 - p_equal) * (1 - p_null) * B)
+    return m, min(1.0, p_null * B / max(1, B - m))
 
 
 def lambda_st(t, s):
@@ -138,12 +146,12 @@ def selfe_loss(net, x0, cond, null, fake=None, *, method="selfe", tau=1.0, p_equ
            fake prompt ("<prompt> fake image"); fake=None keeps the auxiliary fake-score term off.
     method "fm" is the flow-matching baseline: s = t always, no self-evaluation, nothing else changes.
     renorm=False is the paper's ablation "w/o target norm" (Eqs. 16/18)."""
-    B = x0.shape[0]
-    m = 0 if method == "fm" else round((1 - p_equal) * B)  # rows [0, m) have s < t (sample_times)
-    drop = torch.rand(B, device=x0.device) < p_null  # classifier-free guidance needs null-prompt training
+    B, dev = x0.shape[0], x0.device
+    m, p_rest = self_rows(B, p_equal, p_null)  # rows [0, m) have s < t; the same rows for fm, which ignores them
+    drop = (torch.arange(B, device=dev) >= m) & (torch.rand(B, device=dev) < p_rest)  # empty prompt, for CFG
     cond = cond_where(drop, null, cond)
-    t, s = sample_times(B, tau, m, shift, x0.device)
-    s = torch.where(drop, t, s)  # null-prompt rows learn from data only (ours)
+    m = 0 if method == "fm" else m
+    t, s = sample_times(B, tau, m, shift, dev)
 
     eps = torch.randn_like(x0)
     x_t = add_noise(x0, t, eps)
@@ -154,7 +162,7 @@ def selfe_loss(net, x0, cond, null, fake=None, *, method="selfe", tau=1.0, p_equ
         head = lambda c: None if c is None else cond_map(lambda leaf: leaf[:m], c)  # noqa: E731
         target_m, aux = self_eval_target(net, x0[:m], x0_hat[:m], t[:m], s[:m], head(cond), head(null), head(fake),
                                          renorm, aux_k, eval_net)
-        is_self = s[:m] < t[:m]  # False on null-prompt rows (and everywhere while tau = 0): target x0, no aux
+        is_self = s[:m] < t[:m]  # False while tau = 0 (or t at its floor): then the target is exactly x0
         target = torch.cat([torch.where(bcast(is_self, x0[:m]), target_m.to(x0.dtype), x0[:m]), x0[m:]])
         aux = aux * is_self
 

@@ -359,13 +359,22 @@ def test_two_processes_with_gloo_hold_identical_weights_and_resume(tmp_path):
     assert logged == [1, 2, 3, 4, 5]  # one log, written by rank 0 only
 
 
-def test_bench_prints_the_figures(capsys):
-    for method in ("fm", "selfe"):
-        train.main(["--bench", "--method", method, "--preset", "cpu", "--batch-size", "4", "--res", "16"])
-    out = capsys.readouterr().out
-    for method in ("fm", "selfe"):
-        line = next(line for line in out.splitlines() if line.startswith(f"bench: {method} |"))
-        assert "ms/step" in line and "img/s" in line and "peak mem" in line
+def test_bench_script_prints_both_methods_their_ratio_and_sampling_speed():
+    """bench.sh is the one-call speed check for a GPU machine; here with the CPU preset at a tiny size."""
+    env = {**os.environ, "PRESET": "cpu", "ROUNDS": "2", "PATH": os.path.dirname(sys.executable) + os.pathsep +
+           os.environ["PATH"]}
+    out = subprocess.run(["bash", "bench.sh", "--batch-size", "4", "--res", "16"], cwd=HERE, env=env,
+                         capture_output=True, text=True, timeout=600).stdout.splitlines()
+    ms = {m: [float(line.split("|")[1].split()[0]) for line in out if line.startswith(f"bench: {m} |")]
+          for m in ("fm", "selfe")}
+    assert len(ms["fm"]) == len(ms["selfe"]) == 2  # two rounds, compile off only on a CPU
+    assert all("ms/step" in line and "img/s" in line and "peak mem" in line for line in out if "bench:" in line)
+    (ratio_line,) = [line for line in out if line.startswith("selfe / fm step time (--no-compile):")]
+    ratios = [float(r) for r in ratio_line.split(":")[1].split(";")[0].split()]
+    assert ratios == [round(b / a, 2) for a, b in zip(ms["fm"], ms["selfe"])]
+    assert abs(float(ratio_line.split("median")[1]) - np.median(ratios)) < 1e-9
+    rates = [line for line in out if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert [int(r.split("|")[1]) for r in rates] == [1, 2, 4, 8, 50]
 
 
 def test_sample_bench_prints_images_per_second(tmp_path, capsys, monkeypatch):

@@ -274,7 +274,7 @@ def step_flops(model, cfg, batch, aux):
     """Analytic FLOPs of one step on one process: the grad pass (forward + backward = 3 forwards) on every row,
     the two no-grad self-evaluation forwards on the s < t rows, and the fake-score pass (with grad) when on."""
     f = model.flops(cfg["text_len"])
-    m = 0 if cfg["method"] == "fm" else round((1 - cfg["p_equal"]) * batch)
+    m = 0 if cfg["method"] == "fm" else selfe.self_rows(batch, cfg["p_equal"], cfg["p_null"])[0]
     return f * (3 * batch + 2 * m + (3 * m if aux else 0))
 
 
