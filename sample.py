@@ -32,9 +32,11 @@ from tqdm import tqdm
 import selfe
 import shapes
 
-# Sampler defaults (METHOD.md section 5): the paper's omega = 5 and s_k = t_{k+1}. eta = 0 (Euler), not the paper's
-# eta = 1: on ShapesEval (README, "Choosing the sampler") eta 0 scored higher at 2, 4 and 8 steps for both methods.
-SAMPLER = dict(cfg=5.0, eta=0.0, s_k="next")
+# Sampler defaults per method, chosen on ShapesEval's two numbers (results/README.md). Self-E: the paper's omega 5
+# and s_k = t_{k+1}; eta 0 (Euler) where the paper reports eta 1, and the unconditional branch asked at (t, t):
+# ours. Flow matching: asked at s = t (s_k = 1), the only time pair it was trained on.
+SAMPLERS = {"selfe": dict(cfg=5.0, eta=0.0, s_k="next", uncond_at_t=True),
+            "fm": dict(cfg=5.0, eta=0.0, s_k=1.0, uncond_at_t=True)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ def build_model(cfg, text_dim):
 @torch.no_grad()
 def generate(model, text, prompts, steps_list, seed=0, shift=1.0, **sampler):
     """-> {steps: (P, 3, H, W) images in [-1, 1]}. The initial noise depends on the seed only, not on the steps.
-    sampler: cfg, eta, s_k (SAMPLER where not given)."""
+    sampler: cfg, eta, s_k, uncond_at_t (Self-E's defaults where not given)."""
     device = next(model.parameters()).device
     cond, null = text(prompts), text([""] * len(prompts))
     gen = torch.Generator().manual_seed(seed)
@@ -126,7 +128,8 @@ def generate(model, text, prompts, steps_list, seed=0, shift=1.0, **sampler):
     out = {}
     for steps in steps_list:
         gen.manual_seed(seed + 1)  # the fresh noise of eta > 0 is the same for every step count too
-        x = selfe.sample(model, noise, cond, null, steps=steps, shift=shift, generator=gen, **{**SAMPLER, **sampler})
+        x = selfe.sample(model, noise, cond, null, steps=steps, shift=shift, generator=gen,
+                         **{**SAMPLERS["selfe"], **sampler})
         out[steps] = x.float().clamp(-1, 1).cpu()
     return out
 
@@ -136,20 +139,28 @@ EVAL_SIZES = {"small": 4, "medium": 16, "full": 92}  # 96, 384 and 2208 images p
 
 
 def evaluate(model, text, steps_list, per_tag, seed=0, batch=96, progress=True, **sampler):
-    """ShapesEval -> ({steps: {"overall", tag: accuracy}}, {steps: (6, 3, H, W)}, 6 prompts): the scores, and the
-    first image of each category for a grid. Image i of the set starts from the same noise at every step count."""
+    """ShapesEval -> ({steps: {"overall", "fd", tag: accuracy}}, {steps: (6, 3, H, W)}, 6 prompts): the scores
+    (fd: the scene distance to true scenes of the same prompts, lower is better), and the first image of each
+    category for a grid. Image i of the set starts from the same noise at every step count."""
     rows = [m for m in shapes.eval_prompts(per_tag) for _ in range(4)]
     firsts = [4 * per_tag * j for j in range(len(shapes.TAGS))]
-    correct, grid = {k: [] for k in steps_list}, {k: [None] * len(firsts) for k in steps_list}
+    correct, feats = {k: [] for k in steps_list}, {k: [] for k in steps_list}
+    grid = {k: [None] * len(firsts) for k in steps_list}
     for i in tqdm(range(0, len(rows), batch), desc="eval", disable=not progress):
         chunk = rows[i:i + batch]
         out = generate(model, text, [m["prompt"] for m in chunk], steps_list, seed=seed + i, **sampler)
         for k, x in out.items():
-            correct[k] += [shapes.judge(np.asarray(to_pil(img)), m) for img, m in zip(x, chunk)]
+            for img, m in zip(x, chunk):
+                pix = np.asarray(to_pil(img))
+                dets = shapes.detect(pix)  # once, for the verdict and for the scene statistics
+                correct[k].append(shapes.judge(pix, m, dets))
+                feats[k].append(shapes.scene_features(pix, dets))
             for g, j in enumerate(firsts):
                 if i <= j < i + len(chunk):
                     grid[k][g] = x[j - i]
-    results = {k: shapes.summarize(rows, c) for k, c in correct.items()}
+    ref = shapes.features_of(shapes.true_scenes(rows, model.res))  # true scenes of the same prompts
+    results = {k: {**shapes.summarize(rows, c), "fd": shapes.frechet(np.stack(feats[k]), ref)}
+               for k, c in correct.items()}
     return results, {k: torch.stack(v) for k, v in grid.items()}, [rows[j]["prompt"] for j in firsts]
 
 
@@ -213,9 +224,14 @@ def main():
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file, one prompt per line")
     p.add_argument("--steps", default="2,4,8,50", help="comma-separated step counts")
-    p.add_argument("--cfg", type=float, default=SAMPLER["cfg"], help="guidance scale omega (1 = no guidance)")
-    p.add_argument("--eta", type=float, default=SAMPLER["eta"], help="0 = deterministic Euler, 1 = DDPM-like")
-    p.add_argument("--s-k", default=SAMPLER["s_k"], help="target time per step: 'next' = t_{k+1}, or f * t_k")
+    # sampler flags: left out, the checkpoint's method picks them (SAMPLERS)
+    p.add_argument("--cfg", type=float, help="guidance scale omega (1 = no guidance; default 5)")
+    p.add_argument("--eta", type=float, help="0 = deterministic Euler (default), 1 = DDPM-like")
+    p.add_argument("--s-k", help="target time per step: 'next' = t_{k+1} (Self-E's default), or f * t_k "
+                                 "(flow matching's default: 1, i.e. s = t)")
+    p.add_argument("--uncond-at-t", action=argparse.BooleanOptionalAction,
+                   help="guidance asks the unconditional branch at (t, t) (default) or, --no-uncond-at-t, at the "
+                        "conditional branch's (t, s_k)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=1, help="images per prompt (--bench: the batch size)")
     p.add_argument("--out", default="samples")
@@ -232,14 +248,14 @@ def main():
     if not prompts and not (args.eval or args.bench):
         raise selfe.InputError("give at least one --prompt or a --prompts file, or --eval, or --bench")
     steps_list = parse_steps(args.steps)
-    if args.cfg < 0:
+    if args.cfg is not None and args.cfg < 0:
         raise selfe.InputError(f"--cfg {args.cfg}: the guidance scale must be >= 0 (1 = no guidance)")
-    if not 0 <= args.eta <= 1:
+    if args.eta is not None and not 0 <= args.eta <= 1:
         raise selfe.InputError(f"--eta {args.eta}: must lie in [0, 1]")
     if args.n < 1:
         raise selfe.InputError(f"--n {args.n}: must be at least 1")
     try:
-        s_k = args.s_k if args.s_k == "next" else float(args.s_k)
+        s_k = args.s_k if args.s_k in (None, "next") else float(args.s_k)
     except ValueError:
         raise selfe.InputError(f"--s-k {args.s_k!r}: 'next' or a number in (0, 1]") from None
     if not args.bench:
@@ -247,11 +263,13 @@ def main():
 
     model, cfg, step = load_checkpoint(args.ckpt, args.device)
     text = selfe.TextEncoder(cfg["text_encoder"], cfg["text_len"], args.device)
-    sampler = dict(cfg=args.cfg, eta=args.eta, s_k=s_k, shift=cfg["shift"])
+    given = dict(cfg=args.cfg, eta=args.eta, s_k=s_k, uncond_at_t=args.uncond_at_t)
+    sampler = {**SAMPLERS[cfg["method"]], **{k: v for k, v in given.items() if v is not None}, "shift": cfg["shift"]}
     if args.bench:
         speed = sampling_speed(model, text, steps_list, args.n, **sampler)
         device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-        print(f"sampling speed, batch {args.n}, cfg {args.cfg} ({'two passes batched' if args.cfg != 1 else 'one pass'}"
+        print(f"sampling speed, batch {args.n}, cfg {sampler['cfg']} "
+              f"({'two passes batched' if sampler['cfg'] != 1 else 'one pass'}"
               f"), {device}")
         print("| steps | images/s |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in speed.items()))
         return

@@ -1,8 +1,8 @@
 """
 Self-E: "Self-Evaluation Unlocks Any-Step Text-to-Image Generation" (Yu et al., CVPR 2026), in one file.
 
-Read top to bottom beside the paper (equation numbers are the paper's; METHOD.md in the shared folder restates
-them). The file has four parts:
+Read top to bottom beside the paper (arXiv 2512.22374; equation numbers are the paper's, README maps each to a
+function here). The file has four parts:
   1. the noise path and the sample head (Eqs. 1, 6);
   2. the training objective: time pairs, self-evaluation (Eq. 14), lambda (Eq. 17), renormalisation (Eq. 19),
      the loss (Eqs. 20-21), the fake-score term (appendix);
@@ -14,6 +14,7 @@ Parts 1-3 take the network as an argument: any `net(x_t, t, s, cond) -> V` works
 Convention: t = 0 is data, t = 1 is noise; the network sees two times 0 <= s <= t <= 1.
 """
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -71,7 +72,7 @@ def cond_cat(a, b):
 
 
 def sample_times(n, tau, n_self, shift=1.0, device=None):
-    """Time pairs for one batch (METHOD.md section 3, steps 2-3). t: logit-normal, then shifted.
+    """Time pairs for one batch (Sec. 3 and appendix). t: logit-normal, then shifted.
     The first n_self rows get s ~ U((1 - tau) t, t), the others s = t; tau ramps 0 -> 1 early in training, so the
     jumps the model must make grow from nothing to the whole path."""
     t = shift_time(torch.sigmoid(torch.randn(n, device=device)), shift)
@@ -81,12 +82,10 @@ def sample_times(n, tau, n_self, shift=1.0, device=None):
 
 
 def self_rows(B, p_equal, p_null):
-    """How many rows of a batch get s < t, and the rate of the empty prompt on the other rows (ours).
-    The paper draws s = t per row with probability p_equal. We fix the count instead and put the empty prompt
-    (which keeps s = t: it learns from data only) on the remaining rows, at the rate that keeps its overall
-    probability p_null. Per conditional row the odds of s < t stay 1 - p_equal up to the rounding of m (the batch
-    is i.i.d., so which rows get what does not matter), and the extra passes get a fixed batch in which every row
-    is used: no recompiles under torch.compile, no host sync to find the rows, no forward on a lambda = 0 row."""
+    """How many rows of a batch get s < t (ours): m = round((1 - p_equal)(1 - p_null) B), the paper's expected
+    count of conditional rows with s < t, fixed instead of drawn per row, so the extra passes always get the same
+    batch (no recompiles under torch.compile, no host sync to find the rows). Also the rate of the empty prompt on
+    the other B - m rows that keeps its overall probability p_null, for when it is kept off the s < t rows."""
     m = round((1 - p_equal) * (1 - p_null) * B)
     return m, min(1.0, p_null * B / max(1, B - m))
 
@@ -128,7 +127,9 @@ def self_eval_target(net, x0, x0_hat, t, s, cond, null, fake=None, renorm=True, 
     aux = x0.new_zeros(x0.shape[0])
     if fake is not None:  # appendix: the same net, fake-prompted, learns the mean of its OWN samples (with grad)
         G_fake = G(net, xs_hat, s, s, fake)
-        aux = (G_fake.float() - x0_sg.float()).pow(2).flatten(1).mean(1) / s.clamp(min=1e-2) ** 2  # 1/s^2: ours
+        # Weight 1/s^2 (ours; the paper gives none), as the data term's 1/t^2. s is floored at 0.01 so that the
+        # rare s near 0 (s = 1e-3 gives a weight of 1e6) cannot swamp the batch: its weight stops at 1e4.
+        aux = (G_fake.float() - x0_sg.float()).pow(2).flatten(1).mean(1) / s.clamp(min=1e-2) ** 2
         delta = aux_k * delta + (1 - aux_k) * (G_fake.detach() - G_c)
     x_self = x0_sg - delta  # Eq. 14: sg(x0_hat) - (G_u - G_c)
     lam = lambda_st(t, s)  # Eq. 17
@@ -138,17 +139,23 @@ def self_eval_target(net, x0, x0_hat, t, s, cond, null, fake=None, renorm=True, 
 
 
 def selfe_loss(net, x0, cond, null, fake=None, *, method="selfe", tau=1.0, p_equal=0.5, p_null=0.1, shift=1.0,
-               renorm=True, aux_k=0.9, eval_net=None):
-    """One training step's loss (METHOD.md section 3). Returns (loss, stats).
+               renorm=True, aux_k=0.9, eval_net=None, null_any_s=True):
+    """One training step's loss (Sec. 3, Eqs. 14-21). Returns (loss, stats).
 
     net:   V_theta(x_t, t, s, cond) -> velocity-like output, same shape as x_t
     x0:    (B, ...) data;  cond / null / fake: batch-sized conditions for the prompt, the empty prompt and the
            fake prompt ("<prompt> fake image"); fake=None keeps the auxiliary fake-score term off.
     method "fm" is the flow-matching baseline: s = t always, no self-evaluation, nothing else changes.
-    renorm=False is the paper's ablation "w/o target norm" (Eqs. 16/18)."""
+    renorm=False is the paper's ablation "w/o target norm" (Eqs. 16/18).
+    eval_net: the weights of the conditional self-evaluation pass (the paper: EMA); None = net's own.
+    null_any_s: the empty prompt (for guidance) on any row at rate p_null (ours, by measurement: README); False
+    keeps it on s = t rows only, where the unconditional branch learns plain flow matching and nothing else."""
     B, dev = x0.shape[0], x0.device
     m, p_rest = self_rows(B, p_equal, p_null)  # rows [0, m) have s < t; the same rows for fm, which ignores them
-    drop = (torch.arange(B, device=dev) >= m) & (torch.rand(B, device=dev) < p_rest)  # empty prompt, for CFG
+    if null_any_s:  # the empty prompt on any row, s < t included: the unconditional branch learns jumps too
+        drop = torch.rand(B, device=dev) < p_null
+    else:  # the empty prompt only where s = t: rows [m, B) at the rate that keeps p_null overall
+        drop = (torch.arange(B, device=dev) >= m) & (torch.rand(B, device=dev) < p_rest)
     cond = cond_where(drop, null, cond)
     m = 0 if method == "fm" else m
     t, s = sample_times(B, tau, m, shift, dev)
@@ -184,20 +191,23 @@ def time_grid(steps, shift=1.0):
     return shift_time(torch.linspace(1, 0, steps + 1), shift)  # (N+1,), 1 -> 0
 
 
-def guided_velocity(net, x, t, s, cond, null, cfg):
+def guided_velocity(net, x, t, s, cond, null, cfg, uncond_at_t=True):
     """Energy-preserving CFG (Sec. 3.4): extrapolate, then rescale to the norm of the conditional prediction, so
-    large guidance scales do not blow up the sample's energy. Conditional and unconditional run as one batch."""
+    large guidance scales do not blow up the sample's energy. Conditional and unconditional run as one batch.
+    uncond_at_t: ask the unconditional branch at (t, t), its plain flow-matching velocity, instead of at the
+    conditional branch's jump (t, s). Ours, by measurement (README): it scored higher on both of our benchmarks."""
     if null is None or cfg == 1.0:
         return net(x, t, s, cond)
-    V = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, s]), cond_cat(cond, null))
+    V = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, t if uncond_at_t else s]), cond_cat(cond, null))
     V_c, V_u = V.chunk(2)
     g = V_u + cfg * (V_c - V_u)
     return g * bcast(per_sample_norm(V_c) / (per_sample_norm(g) + 1e-8), g)
 
 
 @torch.no_grad()
-def sample(net, noise, cond, null=None, steps=4, cfg=5.0, eta=0.0, s_k="next", shift=1.0, generator=None):
-    """Any-step sampler (METHOD.md section 5). noise: (B, ...) at t = 1. Returns the image estimate at t = 0.
+def sample(net, noise, cond, null=None, steps=4, cfg=5.0, eta=0.0, s_k="next", shift=1.0, generator=None,
+           uncond_at_t=True):
+    """Any-step sampler (Sec. 3.4, Eq. 22). noise: (B, ...) at t = 1. Returns the image estimate at t = 0.
     s_k: the target time the model is asked to jump to; "next" = t_{k+1} (default), a number f = f * t_k
     (1.0 behaves like plain flow matching; 0.5 is the paper's best for 1 step without CFG).
     eta = 0: deterministic Euler (Eq. 22). eta = 1: DDPM-like, what the paper reports.
@@ -209,7 +219,7 @@ def sample(net, noise, cond, null=None, steps=4, cfg=5.0, eta=0.0, s_k="next", s
     for k in range(steps):
         t, t_next = ts[k], ts[k + 1]
         s = t_next if s_k == "next" else float(s_k) * t
-        g = guided_velocity(net, x, x.new_full((B,), t), x.new_full((B,), s), cond, null, cfg)
+        g = guided_velocity(net, x, x.new_full((B,), t), x.new_full((B,), s), cond, null, cfg, uncond_at_t)
         x0_hat = x - t * g  # Eq. 6
         if k == steps - 1:
             return x0_hat  # t_next = 0: the last step returns the clean estimate
@@ -233,7 +243,8 @@ def sinusoid(t, dim, max_period=10000.0):
 
 def pos_embed_2d(dim, grid):
     """Fixed 2-D sin-cos positions (T, dim), T = grid^2: half the channels encode the row, half the column.
-    Fixed, not learned: a learned table left our tiny CPU models drawing scattered pixels (FINDINGS.md)."""
+    Fixed, not learned: with a learned table our tiny CPU models drew scattered pixels after 15 minutes where
+    fixed positions drew compact shapes."""
     def one_axis(pos, d):
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float32) / (d // 2))
         out = pos[:, None] * omega[None]
@@ -388,36 +399,45 @@ def resolve_text_encoder(name):
 
 class TextEncoder:
     """Frozen Hugging Face encoder -> (tokens (B, L, Dt), mask (B, L) bool, pooled (B, Dt)), cached per caption on
-    the device. L is fixed (max_len) so conditions of different prompts stack and cat; "" is the null prompt."""
+    the device. L is fixed (max_len) so conditions of different prompts stack and cat; "" is the null prompt.
 
-    def __init__(self, name="default", max_len=32, device="cpu"):
+    Each caption is encoded ALONE: a matrix product's last bits can depend on the rows it is batched with (measured
+    up to 1.5e-5 on an Intel Xeon), so a batched encoding would make a caption's embedding depend on which captions
+    happened to be new at the same step, and a resumed run would drift from the run in one go. Alone, a caption
+    always gets the same bits, so the cache can forget the least recently used ones (at most cache_size)."""
+
+    def __init__(self, name="default", max_len=32, device="cpu", cache_size=4096):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging
         logging.disable_progress_bar()  # no "Loading weights" bar on every run
         path = resolve_text_encoder(name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
+            # float32 whatever the saved dtype (a half-precision copy of the weights loads as float16 otherwise)
+            self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
         except (OSError, ValueError) as e:
             raise InputError(f"text encoder {name!r}: cannot load it ({str(e).splitlines()[0]}); give a local folder "
                              f"or a Hugging Face id (the first load needs the internet), or 'default'") from None
         self.dim, self.max_len, self.device = self.model.config.hidden_size, max_len, device
-        self.cache = {}
+        self.cache, self.cache_size = OrderedDict(), cache_size
 
     @torch.no_grad()
-    def encode(self, captions):
-        batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_len,
+    def encode(self, caption):
+        """One caption -> (tokens (L, Dt), mask (L,), pooled (Dt,))."""
+        batch = self.tokenizer([caption], padding="max_length", truncation=True, max_length=self.max_len,
                                return_tensors="pt")
-        states = self.model(**batch).last_hidden_state  # (B, L, Dt)
-        mask = batch["attention_mask"].bool()
-        pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # masked mean
+        states = self.model(**batch).last_hidden_state[0]  # (L, Dt)
+        mask = batch["attention_mask"][0].bool()
+        pooled = states[mask].mean(0)  # masked mean
         return states, mask, pooled
 
     def __call__(self, captions):
-        new = sorted({c for c in captions if c not in self.cache})
-        for i in range(0, len(new), 256):
-            chunk = new[i:i + 256]
-            for c, *leaves in zip(chunk, *self.encode(chunk)):
-                self.cache[c] = tuple(leaf.to(self.device) for leaf in leaves)
-        rows = [self.cache[c] for c in captions]
+        rows = []
+        for c in captions:
+            if c not in self.cache:
+                self.cache[c] = tuple(leaf.to(self.device) for leaf in self.encode(c))
+                if len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)  # the least recently used
+            self.cache.move_to_end(c)
+            rows.append(self.cache[c])
         return tuple(torch.stack(leaf) for leaf in zip(*rows))

@@ -12,6 +12,7 @@ import torch.nn as nn
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
+import sample  # noqa: E402
 import selfe  # noqa: E402
 import shapes  # noqa: E402
 
@@ -156,16 +157,46 @@ def test_selfe_runs_one_fixed_size_eval_pass_on_s_below_t_rows_only(p_null):
     for _ in range(trials):
         net.calls.clear()
         loss, stats = selfe.selfe_loss(net, torch.randn(B, 3, 4, 4), torch.randn(B), torch.zeros(B), tau=1.0,
-                                       p_equal=0.5, p_null=p_null)
+                                       p_equal=0.5, p_null=p_null, null_any_s=False)
         main, evals = net.calls
         is_self, is_null = main["s"] < main["t"], main["cond"] == 0
         assert evals["n"] == 2 * m  # conditional and unconditional in one forward, a fixed count of rows
         assert is_self[:m].all() and not is_self[m:].any()  # no row of the extra pass is wasted (lambda > 0)
-        assert not is_null[:m].any()  # the empty prompt only on s = t rows
+        assert not is_null[:m].any()  # null_any_s=False: the empty prompt only on s = t rows
         assert torch.equal(evals["t"], evals["s"])  # the evaluation passes are ordinary FM passes at (s, s)
         assert stats["frac_self"] == m / B and torch.isfinite(loss)
         n_null += int(is_null.sum())
     assert abs(n_null / (trials * B) - p_null) < 0.02  # the empty prompt keeps its overall rate
+
+
+def test_evaluation_pass_conditional_on_eval_net_unconditional_on_online_net():
+    """The paper (appendix): the conditional branch of the self-evaluation uses the EMA weights, the unconditional
+    branch the online weights."""
+    online, ema = Recorder(LinearNet()), Recorder(LinearNet())
+    x0, cond, null = torch.randn(8, 3, 4, 4), torch.randn(8), torch.zeros(8)
+    selfe.selfe_loss(online, x0, cond, null, tau=1.0, p_equal=0.0, p_null=0.0, eval_net=ema)
+    (c,) = ema.calls
+    assert c["n"] == 8 and torch.equal(c["cond"], cond) and not c["grad"]
+    main, u = online.calls
+    assert main["grad"] and torch.equal(u["cond"], null) and not u["grad"] and torch.equal(u["t"], u["s"])
+
+
+@pytest.mark.parametrize("null_any_s", [None, False, True])
+def test_null_prompt_rows_and_their_times(null_any_s):
+    """The empty prompt on any row at the rate p_null (default, chosen by measurement), or only on s = t rows."""
+    torch.manual_seed(4)
+    net, B, n_null_self, n_null = Recorder(LinearNet()), 64, 0, 0
+    option = {} if null_any_s is None else dict(null_any_s=null_any_s)
+    for _ in range(50):
+        net.calls.clear()
+        selfe.selfe_loss(net, torch.randn(B, 3, 4, 4), torch.randn(B), torch.zeros(B), tau=1.0, p_null=0.3,
+                         **option)
+        main = net.calls[0]
+        is_null = main["cond"] == 0
+        n_null_self += int((is_null & (main["s"] < main["t"])).sum())
+        n_null += int(is_null.sum())
+    assert abs(n_null / (50 * B) - 0.3) < 0.03
+    assert (n_null_self > 0) == (null_any_s is not False)
 
 
 def test_gradients_flow_only_through_x0_hat():
@@ -225,12 +256,25 @@ def test_s_k_options():
     assert torch.allclose(net.calls[0]["s"], torch.full((2,), 0.5))
 
 
+@pytest.mark.parametrize("uncond_at_t", [None, False, True])
+def test_guidance_asks_the_unconditional_branch_at_the_chosen_times(uncond_at_t):
+    """Default (chosen by measurement): the unconditional branch at (t, t), the conditional one jumps to s_k."""
+    net = Recorder(LinearNet())
+    option = {} if uncond_at_t is None else dict(uncond_at_t=uncond_at_t)
+    selfe.sample(net, torch.randn(3, 1, 2, 2), torch.ones(3), torch.zeros(3), steps=2, cfg=5.0, **option)
+    assert len(net.calls) == 2
+    for call in net.calls:  # [conditional; unconditional] in one forward per step
+        (t_c, t_u), (s_c, s_u) = call["t"].chunk(2), call["s"].chunk(2)
+        assert torch.equal(t_c, t_u) and (s_c < t_c).all()  # the conditional branch jumps (s_k = t_{k+1})
+        assert torch.equal(s_u, s_c if uncond_at_t is False else t_u)
+
+
 def test_energy_preserving_cfg_has_the_conditional_norm():
     net = LinearNet()
     x, t, s = torch.randn(6, 3, 4, 4), torch.rand(6), torch.zeros(6)
     cond, null = torch.randn(6), torch.zeros(6)
     g = selfe.guided_velocity(net, x, t, s, cond, null, cfg=5.0)
-    V_c, V_u = net(x, t, s, cond), net(x, t, s, null)
+    V_c, V_u = net(x, t, s, cond), net(x, t, t, null)  # the unconditional branch at (t, t) by default
     assert torch.allclose(rows(g).norm(dim=1), rows(V_c).norm(dim=1), rtol=1e-5)
     plain = V_u + 5.0 * (V_c - V_u)
     assert torch.allclose(rows(g) / rows(g).norm(dim=1, keepdim=True),
@@ -359,24 +403,27 @@ class ToyNet(nn.Module):
         return self.body(self.x_in(x) + self.t_in(self.feats(t)) + self.gap_in(self.feats(t - s)) + self.c_in(c))
 
 
-def train_toy(method, iters, seed):
+def train_toy(method, iters, seed, **loss_options):
     torch.manual_seed(seed)
     net, gen = ToyNet(), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     null = torch.full((512,), NULL_CLASS)
     for it in range(iters):
         x0, c = toy_batch(512, gen)
-        loss, _ = selfe.selfe_loss(net, x0, c, null, method=method, tau=min(1.0, it / (0.4 * iters)))
+        loss, _ = selfe.selfe_loss(net, x0, c, null, method=method, tau=min(1.0, it / (0.4 * iters)), **loss_options)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return net
 
 
-def on_right_modes(net, steps, n=2000):
+def on_right_modes(net, steps, n=2000, **sampler):
+    """Fraction of samples within 0.4 of a mode of the asked class. sampler: guidance (cfg; the null class is
+    passed), s_k, uncond_at_t; without cfg, no guidance."""
     gen = torch.Generator().manual_seed(123)
     c = torch.arange(n) % 4
-    x = selfe.sample(net, torch.randn(n, 2, generator=gen), c, steps=steps, eta=0.0)
+    null = torch.full((n,), NULL_CLASS) if "cfg" in sampler else None
+    x = selfe.sample(net, torch.randn(n, 2, generator=gen), c, null, steps=steps, eta=0.0, **sampler)
     own = torch.stack([MODES[c], MODES[c + 4]], 1)  # (n, 2, 2)
     return ((x[:, None] - own).norm(dim=-1).min(1).values < 0.4).float().mean().item()
 
@@ -467,6 +514,24 @@ def test_judge_validation_oracle_robustness_chance_floor(res):
     assert rows["shuffled prompts"]["overall"] < 0.6  # a prompt's image does not pass for another prompt
 
 
+def test_frechet_distance_by_hand():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, len(shapes.FEATURES))) * shapes.UNITS
+    assert shapes.frechet(a, a) < 1e-6
+    shift = np.zeros(len(shapes.FEATURES))
+    shift[0], shift[-1] = 2.0, 0.05  # two objects more; a residual one unit higher
+    assert abs(shapes.frechet(a, a + shift) - 5.0) < 1e-6  # |mu_a - mu_b|^2 in units: 2^2 + 1^2
+    b = a.copy()
+    b[:, 1] *= 3  # a feature three times as spread: (1 - 3)^2 = 4 in its variance term
+    assert abs(shapes.frechet(a, b) - 4.0) < 0.2
+
+
+def test_scene_distance_sees_collapse_that_the_overall_score_cannot():
+    rows = shapes.validate(32, per_tag=10)
+    assert rows["collapsed"]["overall"] == 1.0 and rows["collapsed"]["fd"] > 10 * rows["oracle"]["fd"]
+    assert rows["blurred"]["fd"] > 10 * rows["oracle"]["fd"]
+
+
 def test_judge_reads_what_was_drawn():
     O = shapes.Obj
     objs = [O("circle", "red", 0.25, 0.3, 0.15), O("triangle", "blue", 0.7, 0.3, 0.15),
@@ -502,6 +567,30 @@ def test_default_text_encoder_loads_with_no_network():
     assert torch.equal(again[0][0], tokens[0]) and len(enc.cache) == 3
 
 
+def test_a_captions_embedding_never_depends_on_its_batch_mates_and_the_cache_is_bounded():
+    """A resumed run must see the same embeddings as the run in one go, whatever was cached before."""
+    rng = np.random.default_rng(0)
+    caps = list(dict.fromkeys(shapes.random_prompt(rng)["prompt"] for _ in range(40)))[:24]
+    enc, small = selfe.TextEncoder("default", max_len=16), selfe.TextEncoder("default", max_len=16, cache_size=5)
+    whole = enc(caps)
+    parts = [small(caps[i:i + k]) for i, k in ((0, 1), (1, 7), (8, 16))]  # other batches, most evicted since
+    assert len(small.cache) == 5
+    again = small(caps[::-1])  # re-encoded after eviction, in another order
+    for j, leaf in enumerate(whole):
+        assert torch.equal(torch.cat([p[j] for p in parts]), leaf) and torch.equal(again[j].flip(0), leaf)
+
+
+def test_a_half_precision_copy_of_the_encoder_runs_in_float32(tmp_path):
+    """A GPU machine without the package gets the encoder as a float16 folder (save_pretrained)."""
+    enc = selfe.TextEncoder("default", max_len=16)
+    enc.model.half().save_pretrained(tmp_path)
+    enc.tokenizer.save_pretrained(tmp_path)
+    half = selfe.TextEncoder(str(tmp_path), max_len=16)
+    assert next(half.model.parameters()).dtype == torch.float32
+    ref, got = selfe.TextEncoder("default", max_len=16)(["a photo of a red circle"]), half(["a photo of a red circle"])
+    assert got[0].dtype == torch.float32 and (got[0] - ref[0]).abs().max() < 1e-2
+
+
 def run(*args):
     r = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -524,7 +613,8 @@ def test_train_resume_and_sample_on_shapes(tmp_path):
         assert "preset: cpu (no GPU found" in text and "selfe | model tiny" in text
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
     (ev,) = read_log(out, "eval_overall")  # the few-step score, logged during training
-    assert ev["step"] == 4 and set(ev["eval_overall"]) == {"2", "8"} and "ShapesEval overall" in text
+    assert ev["step"] == 4 and set(ev["eval_overall"]) == set(ev["eval_fd"]) == {"2", "8"}
+    assert "ShapesEval overall" in text
     assert os.path.exists(os.path.join(out, "samples", "step_000004.png"))
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 4 and ckpt["config"]["batch_size"] == 4
@@ -542,12 +632,13 @@ def test_train_resume_and_sample_on_shapes(tmp_path):
 
     e = str(tmp_path / "e")
     text = run("sample.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--eval", "--steps", "1,2", "--out", e)
-    assert "| 1 steps |" in text and "| 2 steps |" in text and "color_attr" in text
+    assert "| 1 steps |" in text and "| 2 steps |" in text and "color_attr" in text and "scene distance" in text
     with open(os.path.join(e, "results.json")) as f:
         res = json.load(f)
     assert res["step"] == 6 and res["images_per_step_count"] == 96 and set(res["results"]) == {"1", "2"}
+    assert res["sampler"] == {**sample.SAMPLERS["selfe"], "shift": 1.0}
     r = res["results"]["2"]
-    assert abs(r["overall"] - np.mean([r[t] for t in shapes.TAGS])) < 1e-9
+    assert abs(r["overall"] - np.mean([r[t] for t in shapes.TAGS])) < 1e-9 and r["fd"] > 0
 
 
 def test_fm_and_selfe_differ_only_in_the_objective(tmp_path):
@@ -560,6 +651,11 @@ def test_fm_and_selfe_differ_only_in_the_objective(tmp_path):
         logs[method] = read_log(out)
     assert logs["fm"][0]["loss"] == logs["selfe"][0]["loss"]
     assert logs["fm"][0]["frac_self"] == 0 and logs["selfe"][1]["frac_self"] > 0
+    # a flow-matching model is sampled at s = t, the only time pair it was trained on
+    e = str(tmp_path / "e")
+    run("sample.py", "--ckpt", os.path.join(str(tmp_path / "fm"), "ckpt.pt"), "--eval", "--steps", "2", "--out", e)
+    with open(os.path.join(e, "results.json")) as f:
+        assert json.load(f)["sampler"]["s_k"] == 1.0
 
 
 def test_train_on_an_image_folder(tmp_path):

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import selfe
-from sample import (EVAL_SIZES, Parser, build_model, check_writable, evaluate, generate, load_weights,
+from sample import (EVAL_SIZES, SAMPLERS, Parser, build_model, check_writable, evaluate, generate, load_weights,
                     read_checkpoint, run_cli, save_grid)
 from selfe import InputError
 from shapes import ShapesData
@@ -48,7 +48,10 @@ CONFIG = {
     "p_equal": (0.5, "fraction of rows with s = t (paper)"),
     "p_null": (0.1, "probability of the empty prompt (ours; the paper gives none)"),
     "shift": (1.0, "time shift k for training and sampling; 1.0 suits our small pixel resolutions"),
-    "ema_eval": (False, "use the EMA weights for the conditional self-evaluation pass, as the paper does"),
+    "ema_eval": (True, "EMA weights for the conditional self-evaluation pass, online for the unconditional one "
+                       "(paper, appendix); --no-ema-eval: online weights for both, in one batched forward"),
+    "null_any_s": (True, "the empty prompt on any row, s < t included (ours, measured: README); "
+                         "--no-null-any-s: only on s = t rows"),
     "min_lr": (1e-5, "learning rate at the end of the linear decay (paper)"),
     "ema": (0.9999, "EMA decay (paper), warmed up as min(ema, (1 + k) / (10 + k)) so short runs work"),
     "clip": (1.0, "gradient clipping norm (ours)"),
@@ -62,6 +65,7 @@ CONFIG = {
                      "at tau = 1)"),
 }
 PRESETS = {  # measured on 2 CPU cores (README); the GPU preset is the paper's recipe at a small scale
+    # warmup 100 (the paper: 1k of 710k steps): 5 % of a 2000-step run; 1k would spend half of it warming up
     "cpu": dict(model="tiny", res=32, patch=4, text_len=16, batch_size=32, iters=2000, lr=1e-3, warmup=100,
                 compile=False, bf16=False, workers=0),  # workers 0: both cores are busy with the step
     "gpu": dict(model="small", res=64, patch=2, text_len=64, batch_size=256, iters=50000, lr=3e-4, warmup=1000,
@@ -70,6 +74,7 @@ PRESETS = {  # measured on 2 CPU cores (README); the GPU preset is the paper's r
 GRID_PROMPTS = ["a photo of a red circle", "a photo of a blue square", "a photo of a triangle and a circle",
                 "a photo of three squares", "a photo of a circle left of a square",
                 "a photo of a yellow triangle and a green square"]
+BEFORE_KEY = {"null_any_s": False}  # how checkpoints written before a key existed were trained, for --resume
 BENCH_WARMUP, BENCH_STEPS, BENCH_BLOCK = 5, 50, 5
 MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop the run
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))  # dense, datasheets
@@ -364,7 +369,7 @@ def train(argv, interrupt):
     ckpt = None
     if resume:
         ckpt = read_checkpoint(ckpt_path)
-        cfg = {**ckpt["config"], **given}
+        cfg = {**cfg, **BEFORE_KEY, **ckpt["config"], **given}
         if rank == 0:
             print(f"resuming {ckpt_path} at step {ckpt['step']}")
     elif os.path.exists(ckpt_path) and not cfg["bench"]:
@@ -408,7 +413,7 @@ def train(argv, interrupt):
             loss, stats = selfe.selfe_loss(
                 net, x0, cond, null, fake, method=cfg["method"], tau=tau_at(step, cfg), p_equal=cfg["p_equal"],
                 p_null=cfg["p_null"], shift=cfg["shift"], renorm=cfg["renorm"],
-                eval_net=ema if cfg["ema_eval"] else None)
+                eval_net=ema if cfg["ema_eval"] else None, null_any_s=cfg["null_any_s"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
@@ -449,16 +454,20 @@ def train(argv, interrupt):
         print(f"{cfg['method']} | model {cfg['model']} ({n_params / 1e6:.2f}M params) | {cfg['res']}px patch "
               f"{cfg['patch']} | batch {cfg['batch_size']} ({world} process(es)) | {cfg['iters']} iters | {device}")
     grid_prompts = GRID_PROMPTS if cfg["data"] == "shapes" else list(dict.fromkeys(data.captions))[:6]
+    sampler = SAMPLERS[cfg["method"]]
 
     def write_grid(step):
-        images = generate(ema, text, grid_prompts, [2, 4, 8, 50], seed=0, shift=cfg["shift"])
+        images = generate(ema, text, grid_prompts, [2, 4, 8, 50], seed=0, shift=cfg["shift"], **sampler)
         save_grid(images, grid_prompts, os.path.join(cfg["out"], "samples", f"step_{step:06d}.png"))
 
     def write_eval(step):  # so a user can watch the few-step score rise
-        results, _, _ = evaluate(ema, text, [2, 8], EVAL_SIZES["small"], progress=False, shift=cfg["shift"])
+        results, _, _ = evaluate(ema, text, [2, 8], EVAL_SIZES["small"], progress=False, shift=cfg["shift"],
+                                 **sampler)
         scores = {k: round(r["overall"], 4) for k, r in results.items()}
-        log.write(json.dumps({"step": step, "eval_overall": scores}) + "\n")
-        tqdm.write(f"step {step}: ShapesEval overall " + ", ".join(f"{v:.3f} at {k} steps" for k, v in scores.items()))
+        fd = {k: round(r["fd"], 3) for k, r in results.items()}
+        log.write(json.dumps({"step": step, "eval_overall": scores, "eval_fd": fd}) + "\n")
+        tqdm.write(f"step {step}: ShapesEval overall (scene distance) "
+                   + ", ".join(f"{scores[k]:.3f} ({fd[k]:.2f}) at {k} steps" for k in scores))
 
     def checkpoint(step):
         if rank == 0:
