@@ -6,6 +6,8 @@ Infinite and seeded; nothing to download. A scene is made in two steps, as GenEv
   scene_for(meta, rng)    -> objects that make the prompt TRUE, placed without overlap
 and render(objects, res) draws them. `score(objects, meta)` applies GenEval's rules to a list of objects, so every
 caption can be checked against its own scene (a test does) and detected objects can be scored the same way.
+ShapesEval's second number, the scene distance (`frechet` of `scene_features`), compares what the judge reads from
+generated images with what it reads from true scenes of the same prompts.
 """
 from dataclasses import dataclass
 
