@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
 import sample  # noqa: E402
 import selfe  # noqa: E402
 import shapes  # noqa: E402
+import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -551,6 +553,46 @@ def test_shapes_stream_is_seeded_and_any_resolution():
     assert torch.equal(a, b) and ca == cb and a.shape == (8, 3, 32, 32)
     assert a.min() >= -1 and a.max() <= 1
     assert shapes.ShapesData(64).batch(2, rng())[0].shape == (2, 3, 64, 64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parts of the GPU path a CPU can check: bf16 autocast, DataLoader workers
+
+
+def test_bf16_autocast_loss_and_gradients_are_finite_and_close_to_fp32():
+    torch.manual_seed(0)
+    net = selfe.DiT(res=32, patch=4, text_dim=384, **selfe.MODELS["tiny"])
+    for p in net.parameters():  # wake the zero-initialised layers, so the network's output matters to the loss
+        if not p.abs().sum():
+            nn.init.normal_(p, std=0.3)
+    x0, _ = shapes.ShapesData(32).batch(16, np.random.default_rng(0))
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    cond = (torch.randn(16, 16, 384, generator=g), mask, torch.randn(16, 384, generator=g))
+    null = (torch.zeros(16, 16, 384), mask, torch.zeros(16, 384))
+
+    def loss_and_grad(bf16):  # the same batch, times and noise; the fake-score term on
+        net.zero_grad()
+        torch.manual_seed(5)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            assert net(x0[:1], torch.rand(1), torch.rand(1) * 0, tuple(c[:1] for c in cond)).dtype == (
+                torch.bfloat16 if bf16 else torch.float32)  # autocast really is on
+            torch.manual_seed(5)
+            loss, _ = selfe.selfe_loss(net, x0, cond, null, cond, tau=1.0)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    (l32, g32), (l16, g16) = loss_and_grad(False), loss_and_grad(True)
+    assert l16.dtype == torch.float32 and torch.isfinite(l16) and torch.isfinite(g16).all()
+    assert abs(l16 - l32) / l32 < 0.02 and F.cosine_similarity(g16, g32, dim=0) > 0.99
+
+
+def test_dataloader_workers_give_exactly_the_batches_of_no_workers():
+    """Batch k comes from seed (seed, rank, k) whoever renders it, so workers keep resume exact."""
+    data = train.Batches(shapes.ShapesData(32), 8, seed=3, rank=0)
+    one, many = (list(train.batches(data, range(5, 11), workers, pin=False)) for workers in (0, 2))
+    assert [c for _, c in one] == [c for _, c in many]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(one, many))
 
 
 # ----------------------------------------------------------------------------------------------------------------
