@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Speed table in one go: the training step for fm and selfe with torch.compile off and on, then sampling speed.
 #   bash bench.sh                 # the GPU preset
-#   PRESET=cpu ROUNDS=9 bash bench.sh   # the CPU preset (compile off only: it is ignored on a CPU); a noisy
+#   PRESET=cpu ROUNDS=9 bash bench.sh   # the CPU preset (compile off only, as the preset trains); a noisy
 #                                       # machine needs several rounds: the ratio printed is their median
 # Extra arguments go to every train.py call, e.g. bash bench.sh --batch-size 128.
 set -euo pipefail
@@ -24,7 +24,7 @@ for compile in $compiles; do
   echo "selfe / fm step time ($compile): $ratios; median $(echo "$ratios" | median)"
 done
 # sampling speed does not depend on the weights: one step of training makes a checkpoint of the right shape
-python train.py --preset "$PRESET" --iters 1 --out "$CKPT_DIR/run" --sample-every 100000 --eval-every 0 "$@" \
+python train.py --preset "$PRESET" --iters 1 --out "$CKPT_DIR/run" --sample-every 100000 --eval-every 0 --final-eval off "$@" \
   > /dev/null 2>&1
 python sample.py --ckpt "$CKPT_DIR/run/ckpt.pt" --bench --n "$([ "$PRESET" = gpu ] && echo 256 || echo 64)" \
   --steps 1,2,4,8,50

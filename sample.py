@@ -138,6 +138,10 @@ def generate(model, text, prompts, steps_list, seed=0, shift=1.0, **sampler):
 EVAL_SIZES = {"small": 4, "medium": 16, "full": 92}  # 96, 384 and 2208 images per step count
 
 
+def eval_images(size):
+    return 4 * len(shapes.TAGS) * EVAL_SIZES[size]
+
+
 def evaluate(model, text, steps_list, per_tag, seed=0, batch=96, progress=True, **sampler):
     """ShapesEval -> ({steps: {"overall", "fd", tag: accuracy}}, {steps: (6, 3, H, W)}, 6 prompts): the scores
     (fd: the scene distance to true scenes of the same prompts, lower is better), and the first image of each
@@ -162,6 +166,17 @@ def evaluate(model, text, steps_list, per_tag, seed=0, batch=96, progress=True, 
     results = {k: {**shapes.summarize(rows, c), "fd": shapes.frechet(np.stack(feats[k]), ref)}
                for k, c in correct.items()}
     return results, {k: torch.stack(v) for k, v in grid.items()}, [rows[j]["prompt"] for j in firsts]
+
+
+def eval_report(model, text, steps_list, size, out, info, seed=0, progress=True, **sampler):
+    """ShapesEval at each step count -> results; writes OUT/results.json (info, the sampler, the scores) and
+    OUT/grid.png (the first image of each category)."""
+    results, images, names = evaluate(model, text, steps_list, EVAL_SIZES[size], seed, progress=progress, **sampler)
+    save_grid(images, names, os.path.join(out, "grid.png"))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({**info, "eval_size": size, "images_per_step_count": eval_images(size),
+                   "sampler": sampler, "seed": seed, "results": results}, f, indent=1)
+    return results
 
 
 def sampling_speed(model, text, steps_list, batch, **sampler):
@@ -274,12 +289,8 @@ def main():
         print("| steps | images/s |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in speed.items()))
         return
     if args.eval:
-        results, images, names = evaluate(model, text, steps_list, EVAL_SIZES[args.eval_size], args.seed, **sampler)
-        save_grid(images, names, os.path.join(args.out, "grid.png"))
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"ckpt": args.ckpt, "step": step, "method": cfg["method"],
-                       "eval_size": args.eval_size, "images_per_step_count": 24 * EVAL_SIZES[args.eval_size],
-                       "sampler": sampler, "seed": args.seed, "results": results}, f, indent=1)
+        results = eval_report(model, text, steps_list, args.eval_size, args.out,
+                              {"ckpt": args.ckpt, "step": step, "method": cfg["method"]}, args.seed, **sampler)
         print(shapes.markdown_table({f"{k} steps": r for k, r in results.items()}, "steps"))
         print(f"wrote {os.path.join(args.out, 'results.json')} and grid.png")
         return

@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 # A short run whose steps are fast; the fake-score term switches on and the tau ramp ends inside it
 RUN = ["--preset", "cpu", "--iters", "120", "--batch-size", "4", "--res", "16", "--aux-start", "0.5",
-       "--log-every", "1", "--eval-every", "0", "--sample-every", "100000"]
+       "--log-every", "1", "--eval-every", "0", "--sample-every", "100000", "--final-eval", "off"]
 
 
 def expect_input_error(main, argv, capsys, monkeypatch):
@@ -42,7 +42,7 @@ def expect_input_error(main, argv, capsys, monkeypatch):
 def write_ckpt_run(tmp_path):
     out = str(tmp_path / "good")
     train.main(["--out", out, *RUN[:2], "--iters", "2", "--batch-size", "2", "--res", "16", "--log-every", "1",
-                "--eval-every", "0", "--sample-every", "100"])
+                "--eval-every", "0", "--sample-every", "100", "--final-eval", "off"])
     return out
 
 

@@ -3,8 +3,10 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -556,7 +558,40 @@ def test_shapes_stream_is_seeded_and_any_resolution():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Parts of the GPU path a CPU can check: bf16 autocast, DataLoader workers
+# Parts of the GPU path a CPU can check: torch.compile, bf16 autocast, DataLoader workers, the data rate, the
+# half-precision encoder copy. Marked gpu_path: CI also runs them on torch 2.11, the GPU machine's version.
+
+
+@pytest.mark.gpu_path
+def test_compiled_run_has_no_graph_break_and_compiles_only_when_a_phase_begins(tmp_path, monkeypatch):
+    """torch.compile as the GPU presets use it (fullgraph, so a graph break is an error; static shapes), with bf16
+    autocast, over a whole short run: tau ramping 0 -> 1, a Ctrl-C that saves a checkpoint, --resume, the fake-score
+    term switching on, sample grids and in-training evaluations in between. New graphs may come at the first step
+    of the run, of the resumed run and of the fake-score term only, at most one per batch size and grad mode the
+    step feeds a network: all B rows (grad), the m self-evaluation rows (no grad; online and EMA weights) and the m
+    fake-prompt rows (grad)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    graphs = []  # graphs compiled so far, read as each step begins
+    loss_fn = selfe.selfe_loss
+
+    def counting_loss(*args, **kwargs):
+        graphs.append(counters["stats"]["unique_graphs"])
+        if len(graphs) == 7:  # Ctrl-C during step 6: the run saves after it and stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(selfe, "selfe_loss", counting_loss)
+    run = ["--out", str(tmp_path), "--preset", "cpu", "--compile", "--bf16", "--iters", "12", "--batch-size", "8",
+           "--res", "16", "--tau-ramp", "0.4", "--aux-start", "0.75", "--log-every", "2", "--sample-every", "4",
+           "--eval-every", "4", "--final-eval", "off"]
+    train.main(run)  # steps 0-6, tau reaches 1 at step 5
+    assert len(graphs) == 7 and train.read_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 7
+    train.main(run + ["--resume"])  # steps 7-11, the fake-score term from step 9
+    graphs.append(counters["stats"]["unique_graphs"])
+    new_at = [step for step in range(12) if graphs[step + 1] > graphs[step]]
+    assert new_at[0] == 0 and set(new_at) <= {0, 7, 9} and 9 in new_at, graphs
+    assert graphs[-1] <= 4 and graphs[-1] - graphs[9] == 1, graphs  # the fake-prompt pass: one graph
 
 
 def test_bf16_autocast_loss_and_gradients_are_finite_and_close_to_fp32():
@@ -585,6 +620,38 @@ def test_bf16_autocast_loss_and_gradients_are_finite_and_close_to_fp32():
     (l32, g32), (l16, g16) = loss_and_grad(False), loss_and_grad(True)
     assert l16.dtype == torch.float32 and torch.isfinite(l16) and torch.isfinite(g16).all()
     assert abs(l16 - l32) / l32 < 0.02 and F.cosine_similarity(g16, g32, dim=0) > 0.99
+
+
+@pytest.mark.gpu_path
+def test_data_workers_render_at_least_twice_what_the_gpu_step_needs():
+    """The GPU preset's workers, rendering at this CPU's speed, against the images/s that flow matching's step (the
+    cheaper one) takes on an H100 at 35 % MFU, by its FLOPs. A GPU waiting for data wastes its minutes."""
+    cfg = {**{k: v for k, (v, _) in train.CONFIG.items()}, **train.PRESETS["gpu"], "method": "fm"}
+    model = train.build_model(cfg, text_dim=384)
+    need = cfg["batch_size"] * 0.35 * 989e12 / train.step_flops(model, cfg, cfg["batch_size"], aux=False)
+    data, rng = shapes.ShapesData(cfg["res"]), np.random.default_rng(0)
+    data.batch(cfg["batch_size"], rng)  # warm-up
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 2:
+        n += len(data.batch(cfg["batch_size"], rng)[1])
+    per_worker = n / (time.perf_counter() - t0)
+    assert cfg["workers"] * per_worker >= 2 * need, (per_worker, need)
+
+
+@pytest.mark.gpu_path
+def test_half_precision_encoder_copy_loads_and_encodes_in_float32(tmp_path):
+    """The GPU machine has no network: it gets the default encoder as a float16 copy (gpu_check.sh --pack-encoder,
+    46 MB). Its outputs must come out in float32, within fp16 rounding of the original's."""
+    subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), "--pack-encoder", str(tmp_path / "enc")],
+                   check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    captions = ["a photo of a red circle", "", "a photo of three squares fake image"]
+    half, full = selfe.TextEncoder(str(tmp_path / "enc"), 16), selfe.TextEncoder("default", 16)
+    for a, b in zip(half(captions), full(captions)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if a.is_floating_point():
+            assert a.dtype == torch.float32 and (a - b).norm() / b.norm() < 3e-3  # measured 1e-3
+        else:
+            assert torch.equal(a, b)
 
 
 def test_dataloader_workers_give_exactly_the_batches_of_no_workers():
@@ -657,7 +724,8 @@ def run(*args):
     return r.stdout + r.stderr
 
 
-TINY = ["--batch-size", "4", "--log-every", "1", "--eval-every", "0", "--ckpt-every", "2", "--sample-every", "4"]
+TINY = ["--batch-size", "4", "--log-every", "1", "--eval-every", "0", "--ckpt-every", "2", "--sample-every", "4",
+        "--final-eval", "off"]
 
 
 def read_log(out, key="loss"):
@@ -667,18 +735,29 @@ def read_log(out, key="loss"):
 
 def test_train_resume_and_sample_on_shapes(tmp_path):
     out = str(tmp_path / "run")
-    text = run("train.py", "--out", out, "--iters", "4", "--aux-start", "0.5", *TINY, "--eval-every", "4")
+    text = run("train.py", "--out", out, "--iters", "4", "--aux-start", "0.5", *TINY, "--eval-every", "4",
+               "--final-eval", "small")
     if not torch.cuda.is_available():
         assert "preset: cpu (no GPU found" in text and "selfe | model tiny" in text
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
     (ev,) = read_log(out, "eval_overall")  # the few-step score, logged during training
     assert ev["step"] == 4 and set(ev["eval_overall"]) == set(ev["eval_fd"]) == {"2", "8"}
     assert "ShapesEval overall" in text
+    # the paper's table in miniature at the end: printed, logged, kept with its grid
+    assert "ShapesEval small (96 images per step count), selfe, EMA weights at step 4" in text
+    assert all(f"| {k} steps |" in text for k in (2, 4, 8, 50)) and "done in " in text
+    (final,) = read_log(out, "final_overall")
+    with open(os.path.join(out, "eval", "results.json")) as f:
+        res = json.load(f)
+    assert final["step"] == res["step"] == 4 and set(res["results"]) == set(final["final_overall"]) == {"2", "4", "8",
+                                                                                                       "50"}
+    assert all(abs(final["final_overall"][k] - r["overall"]) < 1e-4 for k, r in res["results"].items())
+    assert os.path.exists(os.path.join(out, "eval", "grid.png"))
     assert os.path.exists(os.path.join(out, "samples", "step_000004.png"))
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 4 and ckpt["config"]["batch_size"] == 4
 
-    run("train.py", "--out", out, "--resume", "--iters", "6")
+    run("train.py", "--out", out, "--resume", "--iters", "6", "--final-eval", "off")
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 6 and ckpt["config"]["batch_size"] == 4 and ckpt["config"]["aux_start"] == 0.5
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 5, 6]
@@ -733,3 +812,33 @@ def test_train_on_an_image_folder(tmp_path):
         out = str(tmp_path / f"out_{layout}")
         run("train.py", "--data", str(root), "--out", out, "--iters", "2", "--preset", "cpu", *TINY)
         assert os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+def test_plot_draws_each_runs_scores_where_they_belong(tmp_path, capsys, monkeypatch):
+    import plot
+    logs = {}
+    for name, scores in (("fm", [0.1, 0.2, 0.3]), ("selfe", [0.4, 0.6, 0.8])):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            f.write(json.dumps({"step": 1, "loss": 1.0}) + "\n")  # other records are skipped
+            for i, v in enumerate(scores):
+                f.write(json.dumps({"step": 500 * (i + 1), "eval_overall": {"2": v, "8": v / 2}}) + "\n")
+        logs[name] = str(tmp_path / name / "log.jsonl")
+    out = str(tmp_path / "curve.png")
+    monkeypatch.setattr(sys, "argv", ["plot.py", *logs.values(), "--out", out])
+    plot.main()
+    img = Image.open(out).convert("RGB")
+    assert img.size == (plot.W, plot.H)
+    x = lambda it: round(plot.LEFT + (plot.W - plot.LEFT - plot.RIGHT) * it / 1500)  # noqa: E731
+    y = lambda v: round(plot.H - plot.BOTTOM - (plot.H - plot.TOP - plot.BOTTOM) * v)  # noqa: E731
+    for color, pts in ((plot.COLORS[0], [(500, 0.1), (1500, 0.3), (1000, 0.1)]),
+                       (plot.COLORS[1], [(500, 0.4), (1500, 0.8), (1000, 0.3)])):
+        for it, v in pts:  # each point's marker, in its run's colour, at 2 steps and at 8
+            assert img.getpixel((x(it), y(v))) == color, (it, v)
+    assert img.getpixel((x(1000), y(0.5))) == (255, 255, 255)  # and nothing where no run scored
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    monkeypatch.setattr(sys, "argv", ["plot.py", str(empty)])
+    with pytest.raises(SystemExit) as e:
+        sample.run_cli(plot.main)
+    assert e.value.code == 2 and "no ShapesEval scores" in capsys.readouterr().err

@@ -29,17 +29,17 @@ from PIL import Image
 from tqdm import tqdm
 
 import selfe
-from sample import (EVAL_SIZES, SAMPLERS, Parser, build_model, check_writable, evaluate, generate, load_weights,
-                    read_checkpoint, run_cli, save_grid)
+import shapes
+from sample import (EVAL_SIZES, SAMPLERS, Parser, build_model, check_writable, eval_images, eval_report, evaluate,
+                    generate, load_weights, read_checkpoint, run_cli, save_grid)
 from selfe import InputError
-from shapes import ShapesData
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config: plain defaults; a preset fills in the keys it names unless they are given on the command line.
 CONFIG = {
     "out": ("out", "folder for everything the run writes"),
     "data": ("shapes", "'shapes' (built in, infinite) or a folder of images with captions"),
-    "preset": ("auto", "cpu | gpu | auto (gpu when CUDA is available)"),
+    "preset": ("auto", "cpu | gpu | gpu-long | auto (gpu when CUDA is available); README gives their minutes"),
     "method": ("selfe", "selfe | fm (flow-matching baseline: s = t always, no self-evaluation)"),
     "renorm": (True, "energy-preserving target, Eq. 19 (off: the paper's 'w/o target norm' ablation)"),
     "aux_start": (0.77, "fraction of the run after which the fake-score term is on (paper 550k/710k); "
@@ -59,17 +59,23 @@ CONFIG = {
     "log_every": (25, "steps between progress updates and log.jsonl lines"),
     "sample_every": (1000, "steps between sample grids (EMA weights; 2, 4, 8, 50 steps)"),
     "eval_every": (500, "steps between ShapesEval scores (small set, 2 and 8 steps) in log.jsonl; 0 = off"),
+    "final_eval": ("medium", "ShapesEval set scored at 2, 4, 8 and 50 steps when training ends (table printed, "
+                             "OUT/eval/results.json and grid.png): small | medium | full | off"),
     "ckpt_every": (1000, "steps between checkpoints (and at the end, and on Ctrl-C / SIGTERM)"),
     "seed": (0, "seed for weights, data and noise"),
     "bench": (False, "time the training step and exit (5 warm-up steps, then the median of 10 blocks of 5 steps; "
                      "at tau = 1)"),
 }
-PRESETS = {  # measured on 2 CPU cores (README); the GPU preset is the paper's recipe at a small scale
+PRESETS = {  # README: what each costs, from FLOPs (DiT.flops) and as measured
     # warmup 100 (the paper: 1k of 710k steps): 5 % of a 2000-step run; 1k would spend half of it warming up
     "cpu": dict(model="tiny", res=32, patch=4, text_len=16, batch_size=32, iters=2000, lr=1e-3, warmup=100,
                 compile=False, bf16=False, workers=0),  # workers 0: both cores are busy with the step
-    "gpu": dict(model="small", res=64, patch=2, text_len=64, batch_size=256, iters=50000, lr=3e-4, warmup=1000,
-                compile=True, bf16=True, workers=8),  # workers: processes rendering batches ahead of the GPU
+    # a few minutes on one GPU: the paper's table in miniature (flow matching vs Self-E at 2 to 50 steps)
+    "gpu": dict(model="small", res=32, patch=2, text_len=16, batch_size=256, iters=2000, lr=5e-4, warmup=100,
+                compile=True, bf16=True, workers=12),  # workers: processes rendering batches ahead of the GPU
+    # hours: 64 px, room for long captions, the paper's warm-up
+    "gpu-long": dict(model="small", res=64, patch=2, text_len=64, batch_size=256, iters=50000, lr=3e-4,
+                     warmup=1000, compile=True, bf16=True, workers=12),
 }
 GRID_PROMPTS = ["a photo of a red circle", "a photo of a blue square", "a photo of a triangle and a circle",
                 "a photo of three squares", "a photo of a circle left of a square",
@@ -83,7 +89,8 @@ PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100",
 def parse_config(argv):
     """-> (config dict, the keys given on the command line, resume?)."""
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    choices = {"preset": ["auto", *PRESETS], "method": ["selfe", "fm"], "model": list(selfe.MODELS)}
+    choices = {"preset": ["auto", *PRESETS], "method": ["selfe", "fm"], "model": list(selfe.MODELS),
+               "final_eval": [*EVAL_SIZES, "off"]}
     keys = {**{k: v for k, (v, _) in CONFIG.items()}, **PRESETS["cpu"]}
     for k, v in keys.items():
         flag, helptext = "--" + k.replace("_", "-"), CONFIG[k][1] if k in CONFIG else "(from the preset)"
@@ -363,6 +370,7 @@ def main(argv=None):
 
 
 def train(argv, interrupt):
+    started = time.perf_counter()
     cfg, given, resume = parse_config(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     ckpt_path = os.path.join(cfg["out"], "ckpt.pt")
@@ -382,7 +390,7 @@ def train(argv, interrupt):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    data = ShapesData(cfg["res"]) if cfg["data"] == "shapes" else FolderData(cfg["data"], cfg["res"], rank > 0)
+    data = shapes.ShapesData(cfg["res"]) if cfg["data"] == "shapes" else FolderData(cfg["data"], cfg["res"], rank > 0)
     text = selfe.TextEncoder(cfg["text_encoder"], cfg["text_len"], device)
     model = build_model(cfg, text.dim).to(device)
     ema = build_model(cfg, text.dim).to(device).requires_grad_(False)
@@ -394,11 +402,15 @@ def train(argv, interrupt):
         load_weights(ema, ckpt["ema"], ckpt_path)
         opt.load_state_dict(ckpt["opt"])
         step, skipped = ckpt["step"], ckpt.get("skipped", 0)
-    net = torch.compile(model) if cfg["compile"] and device.type == "cuda" else model
+    net, eval_net = model, ema if cfg["ema_eval"] else None
+    if cfg["compile"]:  # whole graphs (a break is an error), one per batch size the step feeds: README, Presets
+        net = torch.compile(model, fullgraph=True, dynamic=False)
+        if cfg["ema_eval"]:
+            eval_net = torch.compile(ema, fullgraph=True, dynamic=False)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.index is not None
                                                         else None, broadcast_buffers=False)  # pos never changes
-    autocast = torch.autocast("cuda", torch.bfloat16) if cfg["bf16"] and device.type == "cuda" else nullcontext()
+    autocast = torch.autocast(device.type, torch.bfloat16) if cfg["bf16"] else nullcontext()
     batch = cfg["batch_size"] // world  # per process
     null = text([""] * batch)
 
@@ -413,7 +425,7 @@ def train(argv, interrupt):
             loss, stats = selfe.selfe_loss(
                 net, x0, cond, null, fake, method=cfg["method"], tau=tau_at(step, cfg), p_equal=cfg["p_equal"],
                 p_null=cfg["p_null"], shift=cfg["shift"], renorm=cfg["renorm"],
-                eval_net=ema if cfg["ema_eval"] else None, null_any_s=cfg["null_any_s"])
+                eval_net=eval_net, null_any_s=cfg["null_any_s"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
@@ -530,9 +542,33 @@ def train(argv, interrupt):
             write_eval(step)
         t0 += time.perf_counter() - paused  # keep grids and evals out of the throughput figures
     bar.close()
+    if rank == 0 and cfg["data"] == "shapes" and cfg["final_eval"] != "off":
+        final_eval(ema, text, cfg, step, log)
     if rank == 0:
-        print(f"done: {ckpt_path}, samples in {os.path.join(cfg['out'], 'samples')}")
+        print(f"done in {minutes(time.perf_counter() - started)}: {ckpt_path}, samples in "
+              f"{os.path.join(cfg['out'], 'samples')}")
     return model
+
+
+def final_eval(ema, text, cfg, step, log):
+    """The paper's table in miniature: ShapesEval of the EMA weights at 2, 4, 8 and 50 steps, printed and kept."""
+    t0, out = time.perf_counter(), os.path.join(cfg["out"], "eval")
+    os.makedirs(out, exist_ok=True)
+    results = eval_report(ema, text, [2, 4, 8, 50], cfg["final_eval"], out,
+                          {"ckpt": os.path.join(cfg["out"], "ckpt.pt"), "step": step, "method": cfg["method"]},
+                          **SAMPLERS[cfg["method"]], shift=cfg["shift"])
+    log.write(json.dumps({"step": step, "final_eval": cfg["final_eval"],
+                          "final_overall": {k: round(r["overall"], 4) for k, r in results.items()},
+                          "final_fd": {k: round(r["fd"], 3) for k, r in results.items()}}) + "\n")
+    log.flush()
+    print(f"\nShapesEval {cfg['final_eval']} ({eval_images(cfg['final_eval'])} images per step count), "
+          f"{cfg['method']}, EMA weights at step {step} ({minutes(time.perf_counter() - t0)}; {out}/results.json, "
+          f"grid.png):")
+    print(shapes.markdown_table({f"{k} steps": r for k, r in results.items()}, "steps"))
+
+
+def minutes(seconds):
+    return f"{int(seconds // 60)}:{seconds % 60:04.1f}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""
+The in-training ShapesEval score over iterations, several runs on one chart (the paper's Fig. 5 in miniature).
+
+    python plot.py out_fm/log.jsonl out_selfe/log.jsonl --labels "flow matching,Self-E" --out curve.png
+
+Reads the `eval_overall` records that train.py writes every --eval-every steps (the small set, at 2 and 8 steps)
+and draws one colour per run: a solid line at 2 steps, a dashed one at 8. Drawn with Pillow, which the project
+already needs, so there is nothing more to install.
+"""
+import argparse
+import json
+import os
+
+from PIL import Image, ImageDraw, ImageFont
+
+from sample import Parser, run_cli
+from selfe import InputError
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+W, H, LEFT, RIGHT, TOP, BOTTOM = 720, 440, 60, 170, 30, 50  # image size and the margins around the plot area
+
+
+def read_curves(path):
+    """log.jsonl -> {steps: [(iteration, overall), ...]}."""
+    curves = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line) if line.strip() else {}
+                for k, v in rec.get("eval_overall", {}).items():
+                    curves.setdefault(int(k), []).append((rec["step"], v))
+    except OSError as e:
+        raise InputError(f"{path}: {e.strerror}") from None
+    except ValueError:
+        raise InputError(f"{path}: not a train.py log.jsonl (a line is not JSON)") from None
+    if not curves:
+        raise InputError(f"{path}: no ShapesEval scores in it (train.py writes them every --eval-every steps on the "
+                         f"shapes data)")
+    return curves
+
+
+def segment(draw, a, b, fill, dash=None):
+    """A line from a to b, 2 px wide; dashed when dash (the length of a dash, in pixels) is given."""
+    if dash is None:
+        return draw.line([a, b], fill=fill, width=2)
+    (x0, y0), (x1, y1) = a, b
+    n = max(1, int(((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5 // dash))
+    for i in range(0, n, 2):
+        draw.line([(x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n),
+                   (x0 + (x1 - x0) * (i + 1) / n, y0 + (y1 - y0) * (i + 1) / n)], fill=fill, width=2)
+
+
+def plot(runs, out, steps=(2, 8), title="ShapesEval overall during training"):
+    """runs: {label: {steps: [(iteration, score), ...]}} -> PNG at out. The y axis is the score, 0 to 1."""
+    font = ImageFont.load_default(size=13)
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    x_max = max(it for curves in runs.values() for pts in curves.values() for it, _ in pts)
+    px = lambda it: LEFT + (W - LEFT - RIGHT) * it / x_max  # noqa: E731
+    py = lambda v: H - BOTTOM - (H - TOP - BOTTOM) * v  # noqa: E731
+    for i in range(6):  # grid and ticks: score every 0.2, iterations in fifths
+        v, it = i / 5, round(x_max * i / 5)
+        draw.line([(LEFT, py(v)), (W - RIGHT, py(v))], fill=(225, 225, 225))
+        draw.text((LEFT - 8, py(v)), f"{v:.1f}", fill="black", font=font, anchor="rm")
+        draw.text((px(it), H - BOTTOM + 8), str(it), fill="black", font=font, anchor="mt")
+    draw.rectangle([LEFT, TOP, W - RIGHT, H - BOTTOM], outline="black")
+    draw.text((W / 2, 8), title, fill="black", font=font, anchor="mt")
+    draw.text(((LEFT + W - RIGHT) / 2, H - 18), "iteration", fill="black", font=font, anchor="mm")
+    legend_y = TOP
+    for color, (label, curves) in zip(COLORS * len(runs), runs.items()):
+        for k in steps:
+            pts, dash = [(px(it), py(v)) for it, v in sorted(curves.get(k, []))], None if k == steps[0] else 7
+            for a, b in zip(pts, pts[1:]):
+                segment(draw, a, b, color, dash)
+            for x, y in pts:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+            segment(draw, (W - RIGHT + 10, legend_y + 7), (W - RIGHT + 40, legend_y + 7), color, dash)
+            draw.text((W - RIGHT + 46, legend_y), f"{label}, {k} steps", fill="black", font=font)
+            legend_y += 20
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    img.save(out)
+
+
+def main():
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("logs", nargs="+", help="log.jsonl files written by train.py")
+    p.add_argument("--labels", help="comma-separated, one per log (default: each log's folder name)")
+    p.add_argument("--out", default="curve.png")
+    args = p.parse_args()
+    labels = args.labels.split(",") if args.labels else [os.path.basename(os.path.dirname(os.path.abspath(f)))
+                                                          for f in args.logs]
+    if len(labels) != len(args.logs):
+        raise InputError(f"--labels gives {len(labels)} names for {len(args.logs)} logs")
+    plot({label: read_curves(f) for label, f in zip(labels, args.logs)}, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
