@@ -594,6 +594,7 @@ def test_compiled_run_has_no_graph_break_and_compiles_only_when_a_phase_begins(t
     assert graphs[-1] <= 4 and graphs[-1] - graphs[9] == 1, graphs  # the fake-prompt pass: one graph
 
 
+@pytest.mark.gpu_path
 def test_bf16_autocast_loss_and_gradients_are_finite_and_close_to_fp32():
     torch.manual_seed(0)
     net = selfe.DiT(res=32, patch=4, text_dim=384, **selfe.MODELS["tiny"])
@@ -654,6 +655,7 @@ def test_half_precision_encoder_copy_loads_and_encodes_in_float32(tmp_path):
             assert torch.equal(a, b)
 
 
+@pytest.mark.gpu_path
 def test_dataloader_workers_give_exactly_the_batches_of_no_workers():
     """Batch k comes from seed (seed, rank, k) whoever renders it, so workers keep resume exact."""
     data = train.Batches(shapes.ShapesData(32), 8, seed=3, rank=0)
@@ -784,7 +786,7 @@ def test_fm_and_selfe_differ_only_in_the_objective(tmp_path):
     logs = {}
     for method in ("fm", "selfe"):
         out = str(tmp_path / method)
-        run("train.py", "--out", out, "--iters", "2", "--method", method, "--preset", "cpu", *TINY[:-2],
+        run("train.py", "--out", out, "--iters", "2", "--method", method, "--preset", "cpu", *TINY,
             "--sample-every", "100", "--batch-size", "16")
         logs[method] = read_log(out)
     assert logs["fm"][0]["loss"] == logs["selfe"][0]["loss"]

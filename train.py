@@ -70,7 +70,8 @@ PRESETS = {  # README: what each costs, from FLOPs (DiT.flops) and as measured
     # warmup 100 (the paper: 1k of 710k steps): 5 % of a 2000-step run; 1k would spend half of it warming up
     "cpu": dict(model="tiny", res=32, patch=4, text_len=16, batch_size=32, iters=2000, lr=1e-3, warmup=100,
                 compile=False, bf16=False, workers=0),  # workers 0: both cores are busy with the step
-    # a few minutes on one GPU: the paper's table in miniature (flow matching vs Self-E at 2 to 50 steps)
+    # a few minutes on one GPU: the paper's table in miniature (flow matching vs Self-E at 2 to 50 steps); sized
+    # by FLOPs (README), iterations and lr still to be set by a measured GPU run
     "gpu": dict(model="small", res=32, patch=2, text_len=16, batch_size=256, iters=2000, lr=5e-4, warmup=100,
                 compile=True, bf16=True, workers=12),  # workers: processes rendering batches ahead of the GPU
     # hours: 64 px, room for long captions, the paper's warm-up
