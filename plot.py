@@ -50,10 +50,11 @@ def segment(draw, a, b, fill, dash=None):
                    (x0 + (x1 - x0) * (i + 1) / n, y0 + (y1 - y0) * (i + 1) / n)], fill=fill, width=2)
 
 
-def plot(runs, out, steps=(2, 8), title="ShapesEval overall during training"):
+def plot(runs, out, steps=(2, 8), title="ShapesEval overall during training (small set: 96 images a point)"):
     """runs: {label: {steps: [(iteration, score), ...]}} -> PNG at out. The y axis is the score, 0 to 1."""
     font = ImageFont.load_default(size=13)
-    img = Image.new("RGB", (W, H), "white")
+    legend_w = 56 + max(font.getlength(f"{label}, {k} steps") for label in runs for k in steps)
+    img = Image.new("RGB", (max(W, round(W - RIGHT + legend_w)), H), "white")  # wider for long labels
     draw = ImageDraw.Draw(img)
     x_max = max(it for curves in runs.values() for pts in curves.values() for it, _ in pts)
     px = lambda it: LEFT + (W - LEFT - RIGHT) * it / x_max  # noqa: E731

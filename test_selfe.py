@@ -830,7 +830,7 @@ def test_plot_draws_each_runs_scores_where_they_belong(tmp_path, capsys, monkeyp
     monkeypatch.setattr(sys, "argv", ["plot.py", *logs.values(), "--out", out])
     plot.main()
     img = Image.open(out).convert("RGB")
-    assert img.size == (plot.W, plot.H)
+    assert img.size == (plot.W, plot.H)  # short labels: the legend fits the right margin
     x = lambda it: round(plot.LEFT + (plot.W - plot.LEFT - plot.RIGHT) * it / 1500)  # noqa: E731
     y = lambda v: round(plot.H - plot.BOTTOM - (plot.H - plot.TOP - plot.BOTTOM) * v)  # noqa: E731
     for color, pts in ((plot.COLORS[0], [(500, 0.1), (1500, 0.3), (1000, 0.1)]),

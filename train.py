@@ -459,7 +459,7 @@ def train(argv, interrupt):
             where = (torch.cuda.get_device_name(device) if device.type == "cuda"
                      else f"cpu, {torch.get_num_threads()} threads")
             print(f"bench: {cfg['method']} | {describe(fig)} | {cfg['preset']} preset, model {cfg['model']}, batch "
-                  f"{cfg['batch_size']}, {world} process(es), compile {'on' if net is not model else 'off'}, {where}")
+                  f"{cfg['batch_size']}, {world} process(es), compile {'on' if cfg['compile'] else 'off'}, {where}")
         return model
 
     n_params = sum(p.numel() for p in model.parameters())
