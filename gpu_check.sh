@@ -51,7 +51,7 @@ check() {
   python3 -c "import torch; print('torch', torch.__version__, '|',
              torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
   for method in fm selfe; do
-    python3 train.py --bench "${ARGS[@]}" --method "$method" --text-encoder "$ENCODER" | tee "$OUT/bench_$method.txt"
+    python3 bench.py "${ARGS[@]}" --method "$method" --text-encoder "$ENCODER" | tee "$OUT/bench_$method.txt"
   done
   for method in fm selfe; do
     start=$SECONDS
@@ -74,7 +74,7 @@ print("| method | ms/step | img/s | MFU % | peak mem | train + eval | " + " | ".
 scores, ms, walls, mfus = {}, {}, {}, {}
 for m in ("fm", "selfe"):
     walls[m] = float(open(f"{out}/{m}/wall_s.txt").read()) / 60
-    bench = open(f"{out}/bench_{m}.txt").read().strip().splitlines()[-1]
+    bench = next(line for line in open(f"{out}/bench_{m}.txt") if line.startswith("bench:"))
     ms[m] = float(re.search(r"([\d.]+) ms/step", bench).group(1))
     img_s = re.search(r"([\d.]+) img/s", bench).group(1)
     mfu = re.search(r"MFU ([\d.]+)%", bench)

@@ -13,7 +13,7 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
-from sample import Parser, run_cli
+from common import Parser, run_cli
 from selfe import InputError
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]

@@ -67,6 +67,17 @@ def cond_cat(a, b):
     return cond_map(lambda x, y: torch.cat([x, y]), a, b)
 
 
+def cond_and_uncond(net, x, t, s_c, s_u, cond, null):
+    """Two questions about the same x in one batched forward: the prompt at (t, s_c), the empty prompt at
+    (t, s_u). -> (V_c, V_u)."""
+    return net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s_c, s_u]), cond_cat(cond, null)).chunk(2)
+
+
+def sq_err(a, b):
+    """(B, ...) x 2 -> (B,): the mean squared error of each row, in float32 whatever the autocast dtype."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Training objective
 
@@ -109,9 +120,9 @@ def self_evaluate(net, x0_hat, s, cond, null, eval_net=None):
     unconditional posterior means (Tweedie, Eq. 6 with s = t). Returns xs_hat, G_c, G_u; G_u - G_c points against
     the classifier score grad log q(c | xs), which is why Eq. 14 subtracts it."""
     xs_hat = add_noise(x0_hat, s, torch.randn_like(x0_hat))
-    if eval_net is None:  # one batched forward: [conditional; unconditional], same weights
-        both = G(net, torch.cat([xs_hat, xs_hat]), torch.cat([s, s]), torch.cat([s, s]), cond_cat(cond, null))
-        G_c, G_u = both.chunk(2)
+    if eval_net is None:  # one batched forward, same weights
+        V_c, V_u = cond_and_uncond(net, xs_hat, s, s, s, cond, null)
+        G_c, G_u = (xs_hat - bcast(s, xs_hat) * V for V in (V_c, V_u))  # Eq. 6, on each half
     else:  # the paper: EMA weights for the conditional pass
         G_c = G(eval_net, xs_hat, s, s, cond)
         G_u = G(net, xs_hat, s, s, null)
@@ -129,7 +140,7 @@ def self_eval_target(net, x0, x0_hat, t, s, cond, null, fake=None, renorm=True, 
         G_fake = G(net, xs_hat, s, s, fake)
         # Weight 1/s^2 (ours; the paper gives none), as the data term's 1/t^2. s is floored at 0.01 so that the
         # rare s near 0 (s = 1e-3 gives a weight of 1e6) cannot swamp the batch: its weight stops at 1e4.
-        aux = (G_fake.float() - x0_sg.float()).pow(2).flatten(1).mean(1) / s.clamp(min=1e-2) ** 2
+        aux = sq_err(G_fake, x0_sg) / s.clamp(min=1e-2) ** 2
         delta = aux_k * delta + (1 - aux_k) * (G_fake.detach() - G_c)
     x_self = x0_sg - delta  # Eq. 14: sg(x0_hat) - (G_u - G_c)
     lam = lambda_st(t, s)  # Eq. 17
@@ -175,7 +186,7 @@ def selfe_loss(net, x0, cond, null, fake=None, *, method="selfe", tau=1.0, p_equ
 
     # Eqs. 20-21: ||x0_hat - target||^2 / t^2. On s = t rows (target x0) this is exactly the flow-matching loss
     # ||V - v||^2 with v = eps - x0 (Eq. 2), since x0_hat - x0 = t (v - V).
-    per_row = (x0_hat.float() - target.float()).pow(2).flatten(1).mean(1) / t**2  # mean, not sum: a constant
+    per_row = sq_err(x0_hat, target) / t**2  # mean, not sum: a constant factor
     if not renorm:
         per_row = per_row * (1 + lambda_st(t, s))  # Eq. 16: two squares folded into one carry this factor
     loss = per_row.mean() + aux.sum() / B
@@ -198,8 +209,7 @@ def guided_velocity(net, x, t, s, cond, null, cfg, uncond_at_t=True):
     conditional branch's jump (t, s). Ours, by measurement (README): it scored higher on both of our benchmarks."""
     if null is None or cfg == 1.0:
         return net(x, t, s, cond)
-    V = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, t if uncond_at_t else s]), cond_cat(cond, null))
-    V_c, V_u = V.chunk(2)
+    V_c, V_u = cond_and_uncond(net, x, t, s, t if uncond_at_t else s, cond, null)
     g = V_u + cfg * (V_c - V_u)
     return g * bcast(per_sample_norm(V_c) / (per_sample_norm(g) + 1e-8), g)
 
@@ -224,6 +234,9 @@ def sample(net, noise, cond, null=None, steps=4, cfg=5.0, eta=0.0, s_k="next", s
         if k == steps - 1:
             return x0_hat  # t_next = 0: the last step returns the clean estimate
         eps_hat = (x - (1 - t) * x0_hat) / t
+        # The fresh-noise scale: DDIM's sigma with alpha = 1 - t, sigma = t, from t to t' = t_next:
+        # c = eta * sigma_t' * sqrt(1 - (alpha_t sigma_t')^2 / (alpha_t' sigma_t)^2). At eta = 1 it is the standard
+        # deviation of the DDPM posterior q(x_t' | x_t, x0); the eps_hat coefficient keeps the total variance.
         c_n = eta * t_next * math.sqrt(max(0.0, 1 - ((1 - t) * t_next) ** 2 / ((1 - t_next) * t) ** 2))
         z = torch.randn(x.shape, generator=generator).to(x.device)
         x = (1 - t_next) * x0_hat + math.sqrt(t_next**2 - c_n**2) * eps_hat + c_n * z  # eta = 0: Eq. 22

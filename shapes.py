@@ -7,13 +7,15 @@ Infinite and seeded; nothing to download. A scene is made in two steps, as GenEv
 and render(objects, res) draws them. `score(objects, meta)` applies GenEval's rules to a list of objects, so every
 caption can be checked against its own scene (a test does) and detected objects can be scored the same way.
 ShapesEval's second number, the scene distance (`frechet` of `scene_features`), compares what the judge reads from
-generated images with what it reads from true scenes of the same prompts.
+generated images with what it reads from true scenes of the same prompts. `evaluate(draw, ...)` scores any model
+through a draw function, so this file needs no model.
 """
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
 
 # Six well-separated colours from GenEval's list of ten.
 COLORS = {"red": (220, 40, 40), "yellow": (240, 210, 40), "green": (40, 170, 60), "blue": (40, 90, 230),
@@ -309,6 +311,44 @@ def summarize(metas, correct):
     return {"overall": float(np.mean(list(out.values()))), **out}
 
 
+# ShapesEval sizes: prompts per category, IMAGES_PER_PROMPT images each (GenEval: 553 prompts, about 92 per category)
+IMAGES_PER_PROMPT = 4
+EVAL_SIZES = {"small": 4, "medium": 16, "full": 92}  # 96, 384 and 2208 images per step count
+
+
+def eval_images(size):
+    return IMAGES_PER_PROMPT * len(TAGS) * EVAL_SIZES[size]
+
+
+def to_pixels(x):
+    """(3, H, W) tensor in [-1, 1] -> (H, W, 3) uint8, what the judge reads."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def evaluate(draw, res, per_tag, seed=0, batch=96, progress=True):
+    """ShapesEval -> ({steps: {"overall", "fd", tag: accuracy}}, {steps: (6, 3, H, W)}, 6 prompts): the scores
+    (fd: the scene distance to true scenes of the same prompts, lower is better), and the first image of each
+    category for a grid. draw(prompts, seed) -> {steps: (P, 3, H, W) in [-1, 1]} is the model under test; it must
+    start image i of the set from the same noise at every step count, so that the columns compare alike."""
+    rows = [m for m in eval_prompts(per_tag) for _ in range(IMAGES_PER_PROMPT)]
+    firsts = [IMAGES_PER_PROMPT * per_tag * j for j in range(len(TAGS))]
+    correct, feats, grid = {}, {}, {}
+    for i in tqdm(range(0, len(rows), batch), desc="eval", disable=not progress):
+        chunk = rows[i:i + batch]
+        for k, x in draw([m["prompt"] for m in chunk], seed + i).items():
+            for img, m in zip(x, chunk):
+                pix = to_pixels(img)
+                dets = detect(pix)  # once, for the verdict and for the scene statistics
+                correct.setdefault(k, []).append(judge(pix, m, dets))
+                feats.setdefault(k, []).append(scene_features(pix, dets))
+            for g, j in enumerate(firsts):
+                if i <= j < i + len(chunk):
+                    grid.setdefault(k, [None] * len(firsts))[g] = x[j - i]
+    ref = features_of(true_scenes(rows, res))  # true scenes of the same prompts
+    results = {k: {**summarize(rows, c), "fd": frechet(np.stack(feats[k]), ref)} for k, c in correct.items()}
+    return results, {k: torch.stack(v) for k, v in grid.items()}, [rows[j]["prompt"] for j in firsts]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Trusting the judge (as DALL-Eval validated its detector): oracle, robustness, chance level, floor
 
@@ -320,13 +360,13 @@ def mildly_corrupt(img, rng):
 
 
 def validate(res=32, per_tag=16, seed=0):
-    """-> {row: summary with the scene distance "fd"}. Ground-truth renders of the evaluation prompts (4 per
-    prompt); the same mildly blurred and noised; scored against prompts shuffled within each category; blank
-    images; pure noise. For the scene distance also: the same images blurred by 1/32 of their side (1 pixel at
-    32 px), and a collapsed set (one layout per prompt, the one a fixed seed draws, whatever the image): both are
-    mostly on-prompt, and far from true scenes."""
+    """-> {row: summary with the scene distance "fd"}. Ground-truth renders of the evaluation prompts
+    (IMAGES_PER_PROMPT each); the same mildly blurred and noised; scored against prompts shuffled within each
+    category; blank images; pure noise. For the scene distance also: the same images blurred by 1/32 of their side
+    (1 pixel at 32 px), and a collapsed set (one layout per prompt, the one a fixed seed draws, whatever the image):
+    both are mostly on-prompt, and far from true scenes."""
     rng = np.random.default_rng(seed)
-    metas = [m for m in eval_prompts(per_tag) for _ in range(4)]
+    metas = [m for m in eval_prompts(per_tag) for _ in range(IMAGES_PER_PROMPT)]
     clean = [render(scene_for(m, rng), res) for m in metas]
     shuffled = list(metas)
     for tag in TAGS:
@@ -368,32 +408,16 @@ def validation_passes(rows):
             and rows["oracle"]["fd"] <= 0.5 and min(rows["blurred"]["fd"], rows["collapsed"]["fd"]) >= 2)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The data stream
-
-
-class ShapesData:
-    """The shapes world as training data: batch(n, rng) -> (images (n, 3, res, res) in [-1, 1], captions)."""
-
-    def __init__(self, res=32):
-        self.res = res
-
-    def batch(self, n, rng):
-        metas = [random_prompt(rng) for _ in range(n)]
-        imgs = np.stack([render(scene_for(m, rng), self.res) for m in metas])
-        return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, [m["prompt"] for m in metas]
-
-
 if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(description="Validate the shapes judge (oracle, blur + noise, chance, floor) and the "
                                             "scene distance (true scenes near 0, blurred and collapsed sets far).")
     p.add_argument("--res", type=int, default=32)
-    p.add_argument("--per-tag", type=int, default=16, help="prompts per category (4 images each)")
+    p.add_argument("--per-tag", type=int, default=16, help=f"prompts per category ({IMAGES_PER_PROMPT} images each)")
     args = p.parse_args()
     rows = validate(args.res, args.per_tag)
-    print(f"judge validation, {args.res} px, {args.per_tag} prompts x 4 images per category\n")
+    print(f"judge validation, {args.res} px, {args.per_tag} prompts x {IMAGES_PER_PROMPT} images per category\n")
     print(markdown_table(rows, "images"))
     ok = validation_passes(rows)
     print("\nPASS" if ok else "\nFAIL: oracle < 0.99, blur + noise < 0.97, blank / noise above 0.01, or the scene "

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
+import common  # noqa: E402
+import data  # noqa: E402
+import recipe  # noqa: E402
 import sample  # noqa: E402
 import selfe  # noqa: E402
 import shapes  # noqa: E402
@@ -433,6 +436,7 @@ def on_right_modes(net, steps, n=2000, **sampler):
     return ((x[:, None] - own).norm(dim=-1).min(1).values < 0.4).float().mean().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_mechanism_selfe_beats_flow_matching_at_one_and_two_steps(seed):
     iters = 2000  # about 40 s for both methods on 2 cores; 1-step gaps seen: 0.25-0.39 over seeds 0-2
@@ -512,7 +516,7 @@ def test_geneval_rules():
     assert not shapes.score([O("circle", "red", 0.2, 0.3, 0.1)], pos)  # the reference must be found
 
 
-@pytest.mark.parametrize("res", [32, 64])
+@pytest.mark.parametrize("res", [32, pytest.param(64, marks=pytest.mark.slow)])
 def test_judge_validation_oracle_robustness_chance_floor(res):
     rows = shapes.validate(res, per_tag=10)
     assert shapes.validation_passes(rows), shapes.markdown_table(rows)
@@ -550,11 +554,11 @@ def test_judge_reads_what_was_drawn():
 
 def test_shapes_stream_is_seeded_and_any_resolution():
     rng = lambda: np.random.default_rng(3)  # noqa: E731
-    a, ca = shapes.ShapesData(32).batch(8, rng())
-    b, cb = shapes.ShapesData(32).batch(8, rng())
+    a, ca = data.ShapesData(32).batch(8, rng())
+    b, cb = data.ShapesData(32).batch(8, rng())
     assert torch.equal(a, b) and ca == cb and a.shape == (8, 3, 32, 32)
     assert a.min() >= -1 and a.max() <= 1
-    assert shapes.ShapesData(64).batch(2, rng())[0].shape == (2, 3, 64, 64)
+    assert data.ShapesData(64).batch(2, rng())[0].shape == (2, 3, 64, 64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -562,6 +566,7 @@ def test_shapes_stream_is_seeded_and_any_resolution():
 # half-precision encoder copy. Marked gpu_path: CI also runs them on torch 2.11, the GPU machine's version.
 
 
+@pytest.mark.slow
 @pytest.mark.gpu_path
 def test_compiled_run_has_no_graph_break_and_compiles_only_when_a_phase_begins(tmp_path, monkeypatch):
     """torch.compile as the GPU presets use it (fullgraph, so a graph break is an error; static shapes), with bf16
@@ -586,7 +591,7 @@ def test_compiled_run_has_no_graph_break_and_compiles_only_when_a_phase_begins(t
            "--res", "16", "--tau-ramp", "0.4", "--aux-start", "0.75", "--log-every", "2", "--sample-every", "4",
            "--eval-every", "4", "--final-eval", "off"]
     train.main(run)  # steps 0-6, tau reaches 1 at step 5
-    assert len(graphs) == 7 and train.read_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 7
+    assert len(graphs) == 7 and common.read_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 7
     train.main(run + ["--resume"])  # steps 7-11, the fake-score term from step 9
     graphs.append(counters["stats"]["unique_graphs"])
     new_at = [step for step in range(12) if graphs[step + 1] > graphs[step]]
@@ -601,7 +606,7 @@ def test_bf16_autocast_loss_and_gradients_are_finite_and_close_to_fp32():
     for p in net.parameters():  # wake the zero-initialised layers, so the network's output matters to the loss
         if not p.abs().sum():
             nn.init.normal_(p, std=0.3)
-    x0, _ = shapes.ShapesData(32).batch(16, np.random.default_rng(0))
+    x0, _ = data.ShapesData(32).batch(16, np.random.default_rng(0))
     g = torch.Generator().manual_seed(1)
     mask = torch.ones(16, 16, dtype=torch.bool)
     cond = (torch.randn(16, 16, 384, generator=g), mask, torch.randn(16, 384, generator=g))
@@ -627,18 +632,19 @@ def test_bf16_autocast_loss_and_gradients_are_finite_and_close_to_fp32():
 def test_data_workers_render_at_least_twice_what_the_gpu_step_needs():
     """The GPU preset's workers, rendering at this CPU's speed, against the images/s that flow matching's step (the
     cheaper one) takes on an H100 at 35 % MFU, by its FLOPs. A GPU waiting for data wastes its minutes."""
-    cfg = {**{k: v for k, (v, _) in train.CONFIG.items()}, **train.PRESETS["gpu"], "method": "fm"}
-    model = train.build_model(cfg, text_dim=384)
-    need = cfg["batch_size"] * 0.35 * 989e12 / train.step_flops(model, cfg, cfg["batch_size"], aux=False)
-    data, rng = shapes.ShapesData(cfg["res"]), np.random.default_rng(0)
-    data.batch(cfg["batch_size"], rng)  # warm-up
+    cfg = {**recipe.DEFAULTS, **recipe.PRESETS["gpu"], "method": "fm"}
+    model = common.build_model(cfg, text_dim=384)
+    need = cfg["batch_size"] * 0.35 * 989e12 / recipe.step_flops(model, cfg, cfg["batch_size"], aux=False)
+    world, rng = data.ShapesData(cfg["res"]), np.random.default_rng(0)
+    world.batch(cfg["batch_size"], rng)  # warm-up
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < 2:
-        n += len(data.batch(cfg["batch_size"], rng)[1])
+        n += len(world.batch(cfg["batch_size"], rng)[1])
     per_worker = n / (time.perf_counter() - t0)
     assert cfg["workers"] * per_worker >= 2 * need, (per_worker, need)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu_path
 def test_half_precision_encoder_copy_loads_and_encodes_in_float32(tmp_path):
     """The GPU machine has no network: it gets the default encoder as a float16 copy (gpu_check.sh --pack-encoder,
@@ -658,8 +664,8 @@ def test_half_precision_encoder_copy_loads_and_encodes_in_float32(tmp_path):
 @pytest.mark.gpu_path
 def test_dataloader_workers_give_exactly_the_batches_of_no_workers():
     """Batch k comes from seed (seed, rank, k) whoever renders it, so workers keep resume exact."""
-    data = train.Batches(shapes.ShapesData(32), 8, seed=3, rank=0)
-    one, many = (list(train.batches(data, range(5, 11), workers, pin=False)) for workers in (0, 2))
+    items = data.Batches(data.ShapesData(32), 8, seed=3, rank=0)
+    one, many = (list(data.batches(items, range(5, 11), workers, pin=False)) for workers in (0, 2))
     assert [c for _, c in one] == [c for _, c in many]
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(one, many))
 
@@ -735,6 +741,7 @@ def read_log(out, key="loss"):
         return [r for r in map(json.loads, f) if key in r]
 
 
+@pytest.mark.slow
 def test_train_resume_and_sample_on_shapes(tmp_path):
     out = str(tmp_path / "run")
     text = run("train.py", "--out", out, "--iters", "4", "--aux-start", "0.5", *TINY, "--eval-every", "4",
@@ -776,11 +783,12 @@ def test_train_resume_and_sample_on_shapes(tmp_path):
     with open(os.path.join(e, "results.json")) as f:
         res = json.load(f)
     assert res["step"] == 6 and res["images_per_step_count"] == 96 and set(res["results"]) == {"1", "2"}
-    assert res["sampler"] == {**sample.SAMPLERS["selfe"], "shift": 1.0}
+    assert res["sampler"] == {**common.SAMPLERS["selfe"], "shift": 1.0}
     r = res["results"]["2"]
     assert abs(r["overall"] - np.mean([r[t] for t in shapes.TAGS])) < 1e-9 and r["fd"] > 0
 
 
+@pytest.mark.slow
 def test_fm_and_selfe_differ_only_in_the_objective(tmp_path):
     """Same seed: identical data, weights and noise, so before the tau ramp opens (step 1) the losses agree."""
     logs = {}
@@ -798,6 +806,7 @@ def test_fm_and_selfe_differ_only_in_the_objective(tmp_path):
         assert json.load(f)["sampler"]["s_k"] == 1.0
 
 
+@pytest.mark.slow
 def test_train_on_an_image_folder(tmp_path):
     for layout in ("jsonl", "txt"):
         root = tmp_path / layout
@@ -842,5 +851,5 @@ def test_plot_draws_each_runs_scores_where_they_belong(tmp_path, capsys, monkeyp
     empty.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     monkeypatch.setattr(sys, "argv", ["plot.py", str(empty)])
     with pytest.raises(SystemExit) as e:
-        sample.run_cli(plot.main)
+        common.run_cli(plot.main)
     assert e.value.code == 2 and "no ShapesEval scores" in capsys.readouterr().err
