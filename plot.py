@@ -1,16 +1,21 @@
 """
-The in-training ShapesEval score over iterations, several runs on one chart (the paper's Fig. 5 in miniature).
+The in-training ShapesEval score over iterations or training minutes, several runs on one chart (the paper's
+Fig. 5 in miniature).
 
     python plot.py out_fm/log.jsonl out_selfe/log.jsonl --labels "flow matching,Self-E" --out curve.png
+    python plot.py out_fm/log.jsonl out_selfe/log.jsonl --x minutes   # against compute instead of iterations
 
 Reads the `eval_overall` records that train.py writes every --eval-every steps (the small set, at 2 and 8 steps)
-and draws one colour per run: a solid line at 2 steps, a dashed one at 8. Drawn with Pillow, which the project
-already needs, so there is nothing more to install.
+and draws one colour per run: a solid line at 2 steps, a dashed one at 8. `--x minutes` puts each score at the
+training time the run had spent to reach it, summed from the log's ms_per_step (evaluations and grids excluded):
+a Self-E step costs more than a flow-matching one, so this is the fair comparison for a fixed budget. Drawn with
+Pillow, which the project already needs, so there is nothing more to install.
 """
 import argparse
 import json
 import os
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from common import Parser, run_cli
@@ -20,13 +25,15 @@ COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 1
 W, H, LEFT, RIGHT, TOP, BOTTOM = 720, 440, 60, 170, 30, 50  # image size and the margins around the plot area
 
 
-def read_curves(path):
-    """log.jsonl -> {steps: [(iteration, overall), ...]}."""
-    curves = {}
+def read_curves(path, x="iteration"):
+    """log.jsonl -> {steps: [(x, overall), ...]}, x the iteration or the training minutes spent to reach it."""
+    curves, ms_per_step = {}, {}
     try:
         with open(path) as f:
             for line in f:
                 rec = json.loads(line) if line.strip() else {}
+                if "ms_per_step" in rec:
+                    ms_per_step[rec["step"]] = rec["ms_per_step"]  # the mean over the steps since the last record
                 for k, v in rec.get("eval_overall", {}).items():
                     curves.setdefault(int(k), []).append((rec["step"], v))
     except OSError as e:
@@ -36,7 +43,20 @@ def read_curves(path):
     if not curves:
         raise InputError(f"{path}: no ShapesEval scores in it (train.py writes them every --eval-every steps on the "
                          f"shapes data)")
+    if x == "minutes":
+        if not ms_per_step:
+            raise InputError(f"{path}: no ms_per_step records to measure minutes by")
+        at = training_minutes(ms_per_step)
+        curves = {k: [(at(it), v) for it, v in pts] for k, pts in curves.items()}
     return curves
+
+
+def training_minutes(ms_per_step):
+    """{logged step: mean ms per step since the previous record} -> iteration -> minutes spent to reach it (linear
+    between records, which is each interval's own speed)."""
+    steps = [0, *sorted(ms_per_step)]
+    minutes = np.cumsum([0] + [(b - a) * ms_per_step[b] / 60000 for a, b in zip(steps, steps[1:])])
+    return lambda it: float(np.interp(it, steps, minutes))
 
 
 def segment(draw, a, b, fill, dash=None):
@@ -50,8 +70,9 @@ def segment(draw, a, b, fill, dash=None):
                    (x0 + (x1 - x0) * (i + 1) / n, y0 + (y1 - y0) * (i + 1) / n)], fill=fill, width=2)
 
 
-def plot(runs, out, steps=(2, 8), title="ShapesEval overall during training (small set: 96 images a point)"):
-    """runs: {label: {steps: [(iteration, score), ...]}} -> PNG at out. The y axis is the score, 0 to 1."""
+def plot(runs, out, steps=(2, 8), x_label="iteration",
+         title="ShapesEval overall during training (small set: 96 images a point)"):
+    """runs: {label: {steps: [(x, score), ...]}} -> PNG at out. The y axis is the score, 0 to 1."""
     font = ImageFont.load_default(size=13)
     legend_w = 56 + max(font.getlength(f"{label}, {k} steps") for label in runs for k in steps)
     img = Image.new("RGB", (max(W, round(W - RIGHT + legend_w)), H), "white")  # wider for long labels
@@ -59,14 +80,14 @@ def plot(runs, out, steps=(2, 8), title="ShapesEval overall during training (sma
     x_max = max(it for curves in runs.values() for pts in curves.values() for it, _ in pts)
     px = lambda it: LEFT + (W - LEFT - RIGHT) * it / x_max  # noqa: E731
     py = lambda v: H - BOTTOM - (H - TOP - BOTTOM) * v  # noqa: E731
-    for i in range(6):  # grid and ticks: score every 0.2, iterations in fifths
-        v, it = i / 5, round(x_max * i / 5)
+    for i in range(6):  # grid and ticks: score every 0.2, x in fifths
+        v, it = i / 5, round(x_max * i / 5, 0 if x_max >= 50 else 1)
         draw.line([(LEFT, py(v)), (W - RIGHT, py(v))], fill=(225, 225, 225))
         draw.text((LEFT - 8, py(v)), f"{v:.1f}", fill="black", font=font, anchor="rm")
-        draw.text((px(it), H - BOTTOM + 8), str(it), fill="black", font=font, anchor="mt")
+        draw.text((px(it), H - BOTTOM + 8), f"{it:g}", fill="black", font=font, anchor="mt")
     draw.rectangle([LEFT, TOP, W - RIGHT, H - BOTTOM], outline="black")
     draw.text((W / 2, 8), title, fill="black", font=font, anchor="mt")
-    draw.text(((LEFT + W - RIGHT) / 2, H - 18), "iteration", fill="black", font=font, anchor="mm")
+    draw.text(((LEFT + W - RIGHT) / 2, H - 18), x_label, fill="black", font=font, anchor="mm")
     legend_y = TOP
     for color, (label, curves) in zip(COLORS * len(runs), runs.items()):
         for k in steps:
@@ -86,13 +107,16 @@ def main():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logs", nargs="+", help="log.jsonl files written by train.py")
     p.add_argument("--labels", help="comma-separated, one per log (default: each log's folder name)")
+    p.add_argument("--x", choices=["iteration", "minutes"], default="iteration",
+                   help="x axis: iterations, or training minutes from the log's ms_per_step")
     p.add_argument("--out", default="curve.png")
     args = p.parse_args()
     labels = args.labels.split(",") if args.labels else [os.path.basename(os.path.dirname(os.path.abspath(f)))
                                                           for f in args.logs]
     if len(labels) != len(args.logs):
         raise InputError(f"--labels gives {len(labels)} names for {len(args.logs)} logs")
-    plot({label: read_curves(f) for label, f in zip(labels, args.logs)}, args.out)
+    x_label = "iteration" if args.x == "iteration" else "training minutes (evaluations excluded)"
+    plot({label: read_curves(f, args.x) for label, f in zip(labels, args.logs)}, args.out, x_label=x_label)
     print(f"wrote {args.out}")
 
 

@@ -853,3 +853,32 @@ def test_plot_draws_each_runs_scores_where_they_belong(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as e:
         common.run_cli(plot.main)
     assert e.value.code == 2 and "no ShapesEval scores" in capsys.readouterr().err
+
+
+def test_plot_against_minutes_places_scores_at_the_training_time_spent(tmp_path, capsys, monkeypatch):
+    import plot
+    logs = {}
+    for name, ms in (("fm", [60, 120, 60]), ("selfe", [120, 240, 120])):  # ms per step over each 500 steps
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            for i, m in enumerate(ms):
+                f.write(json.dumps({"step": 500 * (i + 1), "ms_per_step": m}) + "\n")
+                f.write(json.dumps({"step": 500 * (i + 1), "eval_overall": {"2": 0.2 * (i + 1), "8": 0.1}}) + "\n")
+        logs[name] = str(tmp_path / name / "log.jsonl")
+    out = str(tmp_path / "curve.png")
+    monkeypatch.setattr(sys, "argv", ["plot.py", *logs.values(), "--x", "minutes", "--out", out])
+    plot.main()
+    img = Image.open(out).convert("RGB")
+    x = lambda m: round(plot.LEFT + (plot.W - plot.LEFT - plot.RIGHT) * m / 4.0)  # noqa: E731  selfe's 4 minutes
+    y = lambda v: round(plot.H - plot.BOTTOM - (plot.H - plot.TOP - plot.BOTTOM) * v)  # noqa: E731
+    # fm: 500 steps at 60 ms = 0.5 min, then 1.0 more, then 0.5 more; selfe twice as long at every point
+    for color, minutes in ((plot.COLORS[0], [0.5, 1.5, 2.0]), (plot.COLORS[1], [1.0, 3.0, 4.0])):
+        for i, m in enumerate(minutes):
+            assert img.getpixel((x(m), y(0.2 * (i + 1)))) == color, (color, m)
+    assert plot.training_minutes({500: 60, 1000: 120})(750) == 1.0  # 0.5 min, then half of the next interval
+    untimed = tmp_path / "untimed.jsonl"
+    untimed.write_text(json.dumps({"step": 500, "eval_overall": {"2": 0.1, "8": 0.1}}) + "\n")
+    monkeypatch.setattr(sys, "argv", ["plot.py", str(untimed), "--x", "minutes"])
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(plot.main)
+    assert e.value.code == 2 and "no ms_per_step records" in capsys.readouterr().err
