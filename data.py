@@ -26,6 +26,7 @@ class ShapesData:
 
     def __init__(self, res=32):
         self.res = res
+        self.captions = shapes.all_prompts()  # every caption a batch can hold
 
     def batch(self, n, rng):
         metas = [shapes.random_prompt(rng) for _ in range(n)]

@@ -172,12 +172,23 @@ class Trainer:
         self.batch = cfg["batch_size"] // world  # per process
         self.null = self.text([""] * self.batch)
 
+    def encode_ahead(self, captions):
+        """Encode every caption the run can meet now (and its fake prompt, if that term comes on): a caption met for
+        the first time mid-run makes the step wait for the encoder on the CPU, and a GPU sit idle (train.py calls
+        this on a GPU only). The shapes world has 240 captions; a folder's captions are left to be encoded as they
+        come when they overflow the cache."""
+        captions = list(dict.fromkeys(captions))
+        if aux_on(self.cfg["iters"] - 1, self.cfg):
+            captions += fake_prompts(captions)
+        if len(captions) < self.text.cache_size:
+            self.text(captions)
+
     def step(self, step, x0, captions):
         """One optimiser step, no host sync: the loss, grad norm and fault flag stay on the device.
         -> (loss, grad_norm, bad: 1.0 when the step was skipped for a non-finite loss or gradient, stats)."""
         cfg, text = self.cfg, self.text
         x0, cond = x0.to(self.device, non_blocking=True), text(captions)
-        fake = text([c + " fake image" for c in captions]) if aux_on(step, cfg) else None
+        fake = text(fake_prompts(captions)) if aux_on(step, cfg) else None
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         torch.manual_seed(step_seed(cfg["seed"], self.rank, step))  # the times and noise of this step
@@ -205,6 +216,10 @@ class Trainer:
         return step_flops(self.model, self.cfg, self.batch, aux_on(step, self.cfg))
 
 
+def fake_prompts(captions):
+    return [c + " fake image" for c in captions]  # the appendix's prompt for the model's own samples
+
+
 def step_flops(model, cfg, batch, aux):
     """Analytic FLOPs of a step on one process: the grad pass (forward + backward = 3 forwards) on every row, the
     two no-grad self-evaluation forwards on the s < t rows, and the fake-score pass (with grad) when on."""
@@ -216,7 +231,14 @@ def step_flops(model, cfg, batch, aux):
 # ---------------------------------------------------------------------------------------------------------------
 # Speed figures
 
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))  # dense, datasheets
+# Dense bf16 peaks (datasheets), for MFU. The first key that the device name contains wins: variants first.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
+             ("H200", 989e12), ("A100", 312e12))
+
+
+def peak_flops(name):
+    """-> the bf16 peak of a GPU by its name (torch.cuda.get_device_name), None for one we do not know."""
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
 
 
 def device_name(device):
@@ -226,7 +248,7 @@ def device_name(device):
 def speed(dt, steps, flops, batch, device):
     """-> {ms_per_step, img_per_s, mfu (known GPUs), peak_mem_gb}. batch: images per step, all processes."""
     out = {"ms_per_step": 1000 * dt / steps, "img_per_s": batch * steps / dt}
-    peak = next((p for key, p in PEAK_BF16 if key in device_name(device)), None) if device.type == "cuda" else None
+    peak = peak_flops(device_name(device)) if device.type == "cuda" else None
     if peak:
         out["mfu"] = flops * steps / dt / peak
     if device.type == "cuda":

@@ -79,10 +79,9 @@ def main():
         s_k = args.s_k if args.s_k in (None, "next") else float(args.s_k)
     except ValueError:
         raise InputError(f"--s-k {args.s_k!r}: 'next' or a number in (0, 1]") from None
-    check_writable(args.out)
-
     model, cfg, step = load_checkpoint(args.ckpt, args.device)
     text = selfe.TextEncoder(cfg["text_encoder"], cfg["text_len"], args.device)
+    check_writable(args.out)  # after every input is read: bad input leaves no folder behind
     given = dict(cfg=args.cfg, eta=args.eta, s_k=s_k, uncond_at_t=args.uncond_at_t)
     sampler = {**SAMPLERS[cfg["method"]], **{k: v for k, v in given.items() if v is not None}, "shift": cfg["shift"]}
     if args.eval:

@@ -19,6 +19,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class InputError(ValueError):
@@ -238,8 +239,9 @@ def sample(net, noise, cond, null=None, steps=4, cfg=5.0, eta=0.0, s_k="next", s
         # c = eta * sigma_t' * sqrt(1 - (alpha_t sigma_t')^2 / (alpha_t' sigma_t)^2). At eta = 1 it is the standard
         # deviation of the DDPM posterior q(x_t' | x_t, x0); the eps_hat coefficient keeps the total variance.
         c_n = eta * t_next * math.sqrt(max(0.0, 1 - ((1 - t) * t_next) ** 2 / ((1 - t_next) * t) ** 2))
-        z = torch.randn(x.shape, generator=generator).to(x.device)
-        x = (1 - t_next) * x0_hat + math.sqrt(t_next**2 - c_n**2) * eps_hat + c_n * z  # eta = 0: Eq. 22
+        x = (1 - t_next) * x0_hat + math.sqrt(t_next**2 - c_n**2) * eps_hat  # eta = 0: Eq. 22
+        if c_n > 0:  # eta = 0 draws no noise and copies nothing to the device
+            x = x + c_n * torch.randn(x.shape, generator=generator).to(x.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,6 +283,13 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+# The attention kernels torch may choose from, cuDNN's left out: on Hopper GPUs torch 2.11 prefers it, and its
+# backward with a mask gives NaN gradients at sequence lengths of 64 mod 128 (pytorch/pytorch#196678; gpu-long has
+# 64 text + 1024 image tokens). With our padding mask CUDA runs the memory-efficient kernel; a CPU's choice is
+# unchanged.
+ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class Block(nn.Module):
     """Single-stream transformer block (as FLUX's): joint attention over [text; image], adaLN-Zero modulation."""
 
@@ -299,7 +308,8 @@ class Block(nn.Module):
     def attn(self, x, mask):  # x (B, N, D), mask (B, 1, 1, N) True = may attend
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=mask)
+        with sdpa_kernel(ATTENTION_KERNELS):
+            out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
     def forward(self, x, c, mask):  # x (B, N, D), c (B, D)

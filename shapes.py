@@ -2,7 +2,8 @@
 The built-in data world: coloured shapes on a plain background, captioned with GenEval's six templates.
 
 Infinite and seeded; nothing to download. A scene is made in two steps, as GenEval's prompts are:
-  random_prompt(rng, tag) -> metadata in GenEval's form: {"tag", "include", "exclude", "prompt"}
+  random_prompt(rng, tag) -> metadata in GenEval's form: {"tag", "include", "exclude", "prompt"}; all_prompts()
+                             lists every caption it can give (240)
   scene_for(meta, rng)    -> objects that make the prompt TRUE, placed without overlap
 and render(objects, res) draws them. `score(objects, meta)` applies GenEval's rules to a list of objects, so every
 caption can be checked against its own scene (a test does) and detected objects can be scored the same way.
@@ -10,6 +11,7 @@ ShapesEval's second number, the scene distance (`frechet` of `scene_features`), 
 generated images with what it reads from true scenes of the same prompts. `evaluate(draw, ...)` scores any model
 through a draw function, so this file needs no model.
 """
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,17 +46,30 @@ def random_prompt(rng, tag=None):
     tag = tag or TAGS[rng.integers(len(TAGS))]
     a, b = rng.choice(SHAPES, 2, replace=False).tolist()  # two different shapes
     ca, cb = rng.choice(list(COLORS), 2, replace=False).tolist()  # two different colours
+    n = int(rng.integers(2, 5)) if tag == "counting" else None
+    rel = RELATIONS[rng.integers(4)] if tag == "position" else None
+    return prompt_meta(tag, a, b, ca, cb, n, rel)
+
+
+def all_prompts():
+    """Every prompt random_prompt can draw (240 of them): the shapes world's captions are a finite set."""
+    return sorted({prompt_meta(tag, a, b, ca, cb, n, rel)["prompt"] for tag in TAGS
+                   for a, b in itertools.permutations(SHAPES, 2) for ca, cb in itertools.permutations(COLORS, 2)
+                   for n in NUMBERS for rel in RELATIONS})
+
+
+def prompt_meta(tag, a, b, ca, cb, n, rel):
+    """The metadata of a prompt of this tag about shapes a, b, colours ca, cb, count n and relation rel (each tag
+    reads the ones it needs)."""
     if tag == "single_object":
         inc, exc, prompt = [dict(cls=a, count=1)], [], f"a photo of a {a}"
     elif tag == "two_object":
         inc, exc, prompt = [dict(cls=a, count=1), dict(cls=b, count=1)], [], f"a photo of a {a} and a {b}"
     elif tag == "counting":
-        n = int(rng.integers(2, 5))
         inc, exc, prompt = [dict(cls=a, count=n)], [dict(cls=a, count=n + 1)], f"a photo of {NUMBERS[n]} {a}s"
     elif tag == "colors":
         inc, exc, prompt = [dict(cls=a, count=1, color=ca)], [], f"a photo of a {ca} {a}"
     elif tag == "position":
-        rel = RELATIONS[rng.integers(4)]
         inc = [dict(cls=b, count=1), dict(cls=a, count=1, position=[rel, 0])]  # GenEval: B first, A relative to it
         exc, prompt = [], f"a photo of a {a} {rel} a {b}"
     elif tag == "color_attr":

@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -94,6 +95,7 @@ def test_train_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys, monkeypa
     }[case]
     argv = ["--out", out, "--preset", "cpu", *argv] if "--out" not in argv else ["--preset", "cpu", *argv]
     assert expected in expect_input_error(train.main, argv, capsys, monkeypatch)
+    assert case == "exists_no_resume" or not os.path.exists(out)  # bad input leaves no folder behind
 
 
 @pytest.mark.slow
@@ -108,6 +110,10 @@ def test_checkpoint_errors_for_train_and_sample(tmp_path, capsys, monkeypatch):
                            (str(truncated), "not a readable")]:
         assert expected in expect_input_error(sample.main, ["--ckpt", path, "--prompt", "x", "--out",
                                                             str(tmp_path / "s")], capsys, monkeypatch)
+        assert not os.path.exists(tmp_path / "s")  # bad input leaves no folder behind
+    (tmp_path / "file").write_text("x")
+    assert "cannot write" in expect_input_error(sample.main, ["--ckpt", ckpt, "--prompt", "x", "--out",
+                                                              str(tmp_path / "file" / "out")], capsys, monkeypatch)
     assert "not a readable" in expect_input_error(train.main, ["--out", str(truncated.parent), "--resume"],
                                                   capsys, monkeypatch)
     assert "another shape" in expect_input_error(train.main, ["--out", good, "--resume", "--model", "small"],
@@ -119,14 +125,9 @@ def test_checkpoint_errors_for_train_and_sample(tmp_path, capsys, monkeypatch):
     (["--eta", "2"], "[0, 1]"), ([], "give at least one --prompt"), (["--s-k", "half"], "--s-k"),
 ])
 def test_sample_bad_input_is_one_line_and_exit_2(argv, expected, tmp_path, capsys, monkeypatch):
-    argv = ["--ckpt", "unused.pt", "--out", str(tmp_path), *argv, *(["--prompt", "x"] if argv else [])]
+    argv = ["--ckpt", "unused.pt", "--out", str(tmp_path / "s"), *argv, *(["--prompt", "x"] if argv else [])]
     assert expected in expect_input_error(sample.main, argv, capsys, monkeypatch)
-
-
-def test_sample_unwritable_out(tmp_path, capsys, monkeypatch):
-    (tmp_path / "file").write_text("x")
-    argv = ["--ckpt", "unused.pt", "--prompt", "x", "--out", str(tmp_path / "file" / "out")]
-    assert "cannot write" in expect_input_error(sample.main, argv, capsys, monkeypatch)
+    assert not os.path.exists(tmp_path / "s")
 
 
 def test_the_real_command_line_prints_one_line(tmp_path):
@@ -234,6 +235,24 @@ def test_ctrl_c_and_sigterm_save_and_resume_is_bit_exact(reference, tmp_path):
     with open(os.path.join(out, "log.jsonl")) as f:
         logged = [json.loads(line)["step"] for line in f]
     assert logged == list(range(1, 121))  # the step count went on where it stopped
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_final_evaluation_stops_it_with_the_run_saved(tmp_path, monkeypatch):
+    final_eval = train.final_eval
+
+    def signalled(*args):  # SIGTERM half a second into the real evaluation (a medium set: a minute or more here)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return final_eval(*args)
+
+    monkeypatch.setattr(train, "final_eval", signalled)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--out", str(tmp_path), *RUN, "--iters", "3", "--final-eval", "medium"])
+    assert time.perf_counter() - t0 < 20
+    assert common.read_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
+    assert not os.path.exists(tmp_path / "eval" / "results.json")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
 
 
 @pytest.mark.slow
@@ -369,15 +388,18 @@ def test_two_processes_with_gloo_hold_identical_weights_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_bench_prints_the_step_figures_and_sampling_speed_at_each_step_count():
-    """bench.py, at the CPU preset and a tiny size: the step line the GPU check parses, then images/s per step
-    count, fewer steps faster."""
+    """bench.py, at the CPU preset and a tiny size: the step lines the GPU check parses (the fake-score term off in
+    the middle of the run, on at its end), then images/s per step count, fewer steps faster."""
     r = subprocess.run([sys.executable, "bench.py", "--preset", "cpu", "--batch-size", "4", "--res", "16"], cwd=HERE,
                        env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout.splitlines()
-    (line,) = [line for line in out if line.startswith("bench: selfe | ")]
-    assert all(k in line for k in ("ms/step", "img/s", "peak mem", "cpu preset", "batch 4", "compile off"))
-    assert float(line.split("|")[1].split()[0]) > 0
+    lines = [line for line in out if line.startswith("bench: selfe | ")]
+    assert [line.split("|")[4].strip() for line in lines] == ["fake-score term off", "fake-score term on"]
+    for line in lines:
+        assert all(k in line for k in ("ms/step", "img/s", "peak mem", "cpu preset", "batch 4", "compile off"))
+    off, on = (float(line.split("|")[1].split()[0]) for line in lines)
+    assert 0 < off < on  # the fake prompt's pass with its gradient costs more
     rates = {int(r.split("|")[1]): float(r.split("|")[2]) for r in out if r.startswith("| ") and
              r.split("|")[1].strip().isdigit()}
     assert list(rates) == [1, 2, 4, 8, 50] and rates[1] > rates[8] > rates[50] > 0

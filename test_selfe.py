@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -255,6 +256,20 @@ def test_eta_zero_is_the_euler_step_and_last_step_returns_x0_hat():
     assert torch.allclose(selfe.sample(net, x1, cond, steps=1), x1 - net(x1, one, 0 * one, cond), atol=1e-6)
 
 
+def test_eta_zero_draws_no_noise_and_gives_the_bits_of_the_zero_noise_step(monkeypatch):
+    """The Euler sampler needs no fresh noise: none is drawn (nor copied to the device), and the images are the
+    bits of the stochastic step with its noise scaled by c = 0, as they were when it was drawn anyway."""
+    net, cond = LinearNet(), torch.randn(4)
+    x = x1 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ts = selfe.time_grid(3).tolist()
+    for t, t_next in zip(ts, ts[1:]):  # the stochastic step of the sampler, c = 0
+        x0_hat = x - t * net(x, torch.full((4,), t), torch.full((4,), t_next), cond)
+        eps_hat = (x - (1 - t) * x0_hat) / t
+        x = (1 - t_next) * x0_hat + math.sqrt(t_next**2 - 0.0) * eps_hat + 0.0 * torch.randn(x.shape)
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("eta = 0 drew noise"))
+    assert torch.equal(selfe.sample(net, x1, cond, steps=3, eta=0.0, generator=torch.Generator()), x0_hat)
+
+
 def test_s_k_options():
     net = Recorder(LinearNet())
     selfe.sample(net, torch.randn(2, 3, 4, 4), torch.randn(2), steps=4, s_k=1.0)
@@ -322,6 +337,24 @@ def trained_like(model):
     return model
 
 
+@pytest.mark.gpu_path
+def test_attention_never_lets_torch_choose_cudnn(monkeypatch):
+    """torch 2.11 prefers cuDNN attention on Hopper, whose backward with a mask gives NaN gradients at some
+    sequence lengths: the DiT allows the other kernels only, wherever it runs."""
+    allowed, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        allowed.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+                        torch.backends.cuda.flash_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    net = selfe.DiT(res=16, patch=4, text_dim=384, **selfe.MODELS["tiny"])
+    net(torch.randn(2, 3, 16, 16), torch.rand(2), torch.zeros(2), text_cond(2, 8))
+    assert allowed == [(False, True, True)] * 4  # each block's attention: cuDNN off, the others allowed
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # only while the DiT runs
+
+
 def test_dit_shapes_and_zero_init():
     model = selfe.DiT(res=16, patch=4, dim=32, depth=2, heads=2)
     x = torch.randn(2, 3, 16, 16)
@@ -329,12 +362,13 @@ def test_dit_shapes_and_zero_init():
     assert V.shape == x.shape and torch.all(V == 0)  # zero-initialised output layer
 
 
-def test_analytic_flops_match_pytorchs_counter():
+def test_analytic_flops_match_pytorchs_counter(monkeypatch):
     """The MFU figure rests on DiT.flops; PyTorch's counter sees every matmul, conv and attention of a forward."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
     from torch.utils.flop_counter import FlopCounterMode
+    monkeypatch.setattr(selfe, "ATTENTION_KERNELS", [SDPBackend.MATH])  # the counter sees math attention
     model = selfe.DiT(res=32, patch=4, dim=64, depth=3, heads=4, text_dim=48)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # the counter sees math attention
+    with FlopCounterMode(display=False) as counter:
         model(torch.randn(2, 3, 32, 32), torch.rand(2), torch.rand(2), text_cond(2, 12, D=48))
     measured = counter.get_total_flops() / 2
     assert abs(model.flops(text_len=12) / measured - 1) < 0.05  # the rest: time/text MLPs, once per image
@@ -725,6 +759,35 @@ def test_a_half_precision_copy_of_the_encoder_runs_in_float32(tmp_path):
     assert got[0].dtype == torch.float32 and (got[0] - ref[0]).abs().max() < 1e-2
 
 
+def test_every_caption_a_run_meets_is_encoded_before_its_first_step(monkeypatch):
+    """The shapes world's 240 captions and their fake prompts are encoded once at the start, so no step waits for
+    the encoder (on a GPU it would sit idle meanwhile); flow matching, which never uses fake prompts, skips them."""
+    rng = np.random.default_rng(0)
+    assert len(shapes.all_prompts()) == 240
+    assert {shapes.random_prompt(rng)["prompt"] for _ in range(20000)} == set(shapes.all_prompts())
+    world = data.ShapesData(16)
+    cfg = recipe.finish_config({**recipe.DEFAULTS, "preset": "cpu", "res": 16, "batch_size": 8, "iters": 10,
+                                "aux_start": 0.5}, world=1)
+    run = recipe.Trainer(cfg, torch.device("cpu"))
+    null = run.text.cache[""]
+    monkeypatch.setattr(run.text, "encode", lambda caption: null)  # a quick stand-in: 481 real ones take 10 s here
+    for method, encoded in (("fm", 241), ("selfe", 481)):  # and the empty prompt
+        run.text.cache = OrderedDict({"": null})
+        run.cfg["method"] = method
+        run.encode_ahead(world.captions)
+        assert len(run.text.cache) == encoded
+    monkeypatch.setattr(run.text, "encode", lambda caption: pytest.fail(f"{caption!r} encoded mid-run"))
+    for step in (0, 9):  # the fake-score term is on at step 9
+        run.step(step, *data.Batches(world, 8, 0, 0)[step])
+
+
+def test_mfu_knows_gpu_variants_apart():
+    peaks = {name: recipe.peak_flops(f"NVIDIA {name}") for name in ("H200 NVL", "H200", "H100 NVL", "H100 PCIe",
+                                                                     "H100 80GB HBM3", "A100-SXM4-80GB", "L4")}
+    assert peaks == {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
+                     "H100 80GB HBM3": 989e12, "A100-SXM4-80GB": 312e12, "L4": None}
+
+
 def run(*args):
     r = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -739,6 +802,32 @@ TINY = ["--batch-size", "4", "--log-every", "1", "--eval-every", "0", "--ckpt-ev
 def read_log(out, key="loss"):
     with open(os.path.join(out, "log.jsonl")) as f:
         return [r for r in map(json.loads, f) if key in r]
+
+
+@pytest.mark.slow
+def test_speed_in_the_log_is_training_time_only(tmp_path, monkeypatch):
+    """ms_per_step, and so plot.py's minutes, leave out the steps that compile (the first and the first with the
+    fake-score term), checkpoint writes, grids and evaluations: here each of them moves the clock on by 1000 s."""
+    now, perf_counter = [0.0], time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: perf_counter() + now[0])
+
+    def slower(fn):
+        def wrapped(*args, **kwargs):
+            now[0] += 1000.0
+            return fn(*args, **kwargs)
+        return wrapped
+
+    step = recipe.Trainer.step
+    monkeypatch.setattr(recipe.Trainer, "step",
+                        lambda run, k, *a: (slower(step) if k in (0, 6) else step)(run, k, *a))  # 6: fake term on
+    monkeypatch.setattr(train, "save_checkpoint", slower(train.save_checkpoint))
+    monkeypatch.setattr(train, "write_grid", slower(lambda *args: None))
+    monkeypatch.setattr(train, "write_eval", slower(lambda *args: None))
+    train.main(["--out", str(tmp_path), "--preset", "cpu", "--iters", "12", "--batch-size", "4", "--res", "16",
+                "--aux-start", "0.5", "--log-every", "3", "--ckpt-every", "3", "--sample-every", "3",
+                "--eval-every", "3", "--final-eval", "off"])
+    speeds = [r["ms_per_step"] for r in read_log(str(tmp_path))]
+    assert len(speeds) == 4 and max(speeds) < 5000, speeds  # a leak: 1000 s in a window of 3 steps, 333 s/step
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -65,10 +66,12 @@ def train(argv, interrupt):
         raise InputError(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
     cfg = recipe.finish_config(cfg, world, quiet=rank > 0)
     device = recipe.setup_device(cfg, world)
-    if rank == 0:
-        check_writable(os.path.join(cfg["out"], "samples"))
     source = data.from_config(cfg, quiet=rank > 0)
     run = recipe.Trainer(cfg, device, rank, world, ckpt, ckpt_path)
+    if rank == 0:  # only now that every input has been read: bad input leaves no folder behind
+        check_writable(os.path.join(cfg["out"], "samples"))
+    if device.type == "cuda":  # on a CPU the encoder and the step share the cores: no GPU to keep busy
+        run.encode_ahead(source.captions)
     step = ckpt["step"] if ckpt else 0
     if rank == 0:
         print(f"{cfg['method']} | model {cfg['model']} ({sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M "
@@ -78,10 +81,14 @@ def train(argv, interrupt):
     loader = data.batches(data.Batches(source, run.batch, cfg["seed"], rank), range(step, cfg["iters"]),
                           cfg["workers"], pin=device.type == "cuda")
     bar = tqdm(total=cfg["iters"], initial=step, desc="train", dynamic_ncols=True, disable=rank > 0)
-    tally = Tally(device, ckpt["skipped"] if ckpt else 0)
-    t0 = time.perf_counter()
+    tally, clock = Tally(device, ckpt["skipped"] if ckpt else 0), Clock(device)
+    # the steps where torch.compile builds new graphs: the first of this process and the first with the fake-score
+    # term (new batch sizes and grad modes for the network). Their time is compilation, kept out of the speed.
+    builds = {step, next((k for k in range(step, cfg["iters"]) if recipe.aux_on(k, cfg)), None)}
     for x0, captions in loader:
-        loss, grad_norm, bad, stats = run.step(step, x0, captions)
+        with clock.off(step in builds):
+            loss, grad_norm, bad, stats = run.step(step, x0, captions)
+        clock.steps += step not in builds
         tally.add(loss, bad, stats["frac_self"])
         step += 1
         bar.update(1)
@@ -92,32 +99,39 @@ def train(argv, interrupt):
                 raise SystemExit(f"error: {int(tally.worst.item())} steps in a row had a non-finite loss or gradient "
                                  f"(by step {step}); stopped. {ckpt_path} holds the last good weights: --resume "
                                  f"with a lower --lr or --clip")
-            fig = recipe.speed(time.perf_counter() - t0, tally.steps, run.flops(step - 1), cfg["batch_size"], device)
+            seconds, timed = clock.lap()
+            fig = recipe.speed(seconds, timed, run.flops(step - 1), cfg["batch_size"], device) if timed else {}
             rec = {"step": step, **tally.read(), "grad_norm": grad_norm.item(), "aux": float(stats["aux"]),
                    "lr": recipe.lr_at(step - 1, cfg), "tau": recipe.tau_at(step - 1, cfg), **fig, "time": time.time()}
             if rank == 0:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 shown = float("nan") if rec["loss"] is None else rec["loss"]
-                bar.set_postfix(loss=f"{shown:.4f}", img_s=f"{rec['img_per_s']:.0f}", tau=f"{rec['tau']:.2f}")
-            t0 = time.perf_counter()
+                bar.set_postfix(loss=f"{shown:.4f}", img_s=f"{rec.get('img_per_s', float('nan')):.0f}",
+                                tau=f"{rec['tau']:.2f}")
         # one process alone checks every step; several agree at log steps only (a check costs a sync)
         stop = interrupt.requested if world == 1 else (step % cfg["log_every"] == 0
                                                         and agree(interrupt.requested, device))
-        if rank == 0 and (step % cfg["ckpt_every"] == 0 or last or stop):
-            save_checkpoint(ckpt_path, run.model, run.ema, run.opt, step, cfg, run.text.dim, int(tally.skipped.item()))
-        if stop:
-            bar.close()
-            if rank == 0:
-                print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume --out {cfg['out']}")
-            return run.model
-        paused = time.perf_counter()
-        if rank == 0 and (step % cfg["sample_every"] == 0 or last):
-            write_grid(run, source, step)
-        if rank == 0 and cfg["data"] == "shapes" and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or last):
-            write_eval(run, step, log)
-        t0 += time.perf_counter() - paused  # keep grids and evals out of the throughput figures
+        save = rank == 0 and (step % cfg["ckpt_every"] == 0 or last or stop)
+        grid = rank == 0 and (step % cfg["sample_every"] == 0 or last)
+        score = rank == 0 and cfg["data"] == "shapes" and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or last)
+        with clock.off(save or grid or score):  # checkpoints, grids and evaluations are not training time
+            if save:
+                save_checkpoint(ckpt_path, run.model, run.ema, run.opt, step, cfg, run.text.dim,
+                                int(tally.skipped.item()))
+            if stop:
+                bar.close()
+                if rank == 0:
+                    print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume --out {cfg['out']}")
+                return run.model
+            if grid:
+                write_grid(run, source, step)
+            if score:
+                write_eval(run, step, log)
     bar.close()
+    interrupt.at_once = True  # the run is saved: from here Ctrl-C or SIGTERM stops the process at once
+    if interrupt.requested:  # one came during the last grid or evaluation
+        raise KeyboardInterrupt
     if rank == 0 and cfg["data"] == "shapes" and cfg["final_eval"] != "off":
         final_eval(run, step, log)
     if rank == 0:
@@ -162,6 +176,36 @@ class Tally:
         return rec
 
 
+class Clock:
+    """Training time: a stopwatch that the loop stops (off) for compilation, checkpoints, grids and evaluations.
+    It waits for the device where it starts or stops, so that queued GPU work lands on the right side."""
+
+    def __init__(self, device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds, self.steps, self.t0 = 0.0, 0, time.perf_counter()
+
+    @contextmanager
+    def off(self, when=True):
+        if not when:
+            yield
+            return
+        self.sync()
+        self.seconds += time.perf_counter() - self.t0
+        try:
+            yield
+        finally:
+            self.sync()
+            self.t0 = time.perf_counter()
+
+    def lap(self):
+        """-> (training seconds, steps timed) since the last lap."""
+        self.sync()
+        now = time.perf_counter()
+        out = (self.seconds + now - self.t0, self.steps)
+        self.seconds, self.steps, self.t0 = 0.0, 0, now
+        return out
+
+
 def write_grid(run, source, step):
     prompts = GRID_PROMPTS if run.cfg["data"] == "shapes" else list(dict.fromkeys(source.captions))[:6]
     images = generate(run.ema, run.text, prompts, [2, 4, 8, 50], seed=0, shift=run.cfg["shift"],
@@ -187,7 +231,7 @@ def final_eval(run, step, log):
     results = eval_report(run.ema, run.text, [2, 4, 8, 50], cfg["final_eval"], out,
                           {"ckpt": os.path.join(cfg["out"], "ckpt.pt"), "step": step, "method": cfg["method"]},
                           **SAMPLERS[cfg["method"]], shift=cfg["shift"])
-    log.write(json.dumps({"step": step, "final_eval": cfg["final_eval"],
+    log.write(json.dumps({"step": step, "final_eval": cfg["final_eval"], "seconds": round(time.perf_counter() - t0, 1),
                           "final_overall": {k: round(r["overall"], 4) for k, r in results.items()},
                           "final_fd": {k: round(r["fd"], 3) for k, r in results.items()}}) + "\n")
     log.flush()
@@ -218,16 +262,18 @@ def agree(flag, device):
 
 
 class Interrupt:
-    """Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a second Ctrl-C stops at once.
-    restore() puts the previous handlers back (for notebooks and tests that call main())."""
+    """Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a second Ctrl-C stops at once, and
+    so does the first once at_once is set (after the last step: the final evaluation). Stopping at once raises
+    KeyboardInterrupt. restore() puts the previous handlers back (for notebooks and tests that call main())."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.at_once = False, False
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
+        if self.at_once or self.requested:
+            raise KeyboardInterrupt
         self.requested = True
-        signal.signal(signum, self.previous[signum])
 
     def restore(self):
         for sig, handler in self.previous.items():
