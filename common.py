@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -151,6 +152,28 @@ def save_grid(images, prompts, path, cell=96):
         draw.text((4, head_h + i * cell + cell // 2 - 7), p, fill="black", font=font)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     grid.save(path)
+
+
+@torch.no_grad()
+def swap_accuracy(model, text, per_kind=64, s=0.5, seed=0):
+    """The model's own classifier, the one self-evaluation relies on, on one-word prompt swaps -> {kind: accuracy}.
+    A true scene of each prompt is noised to time s, and the model's Tweedie estimates G(x_s, s, s, c) under the
+    true and the swapped prompt are compared: the one nearer the clean image is the model's pick (the classifier
+    log q(c | x_s) compares each prompt with the empty one; with the same noise that term cancels). A tie counts
+    half, so a model that ignores its prompt scores 0.5."""
+    device = next(model.parameters()).device
+    swaps = shapes.prompt_swaps(per_kind)
+    rng = np.random.default_rng(seed)
+    pixels = np.stack([shapes.render(shapes.scene_for(meta, rng), model.res) for _, meta, _ in swaps])
+    x0 = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1).to(device)  # (N, 3, H, W)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    t = torch.full((len(x0),), s, device=device)
+    x_s = selfe.add_noise(x0, t, eps)
+    err_true, err_swap = (selfe.sq_err(selfe.G(model, x_s, t, t, text([m["prompt"] for m in metas])), x0)
+                          for metas in zip(*[(meta, swapped) for _, meta, swapped in swaps]))  # (N,) each
+    right = ((err_true < err_swap).float() + 0.5 * (err_true == err_swap).float()).cpu()
+    kinds = np.array([kind for kind, _, _ in swaps])
+    return {kind: float(right[kinds == kind].mean()) for kind in shapes.SWAPS}
 
 
 def shapes_eval(model, text, steps_list, size, seed=0, progress=True, **sampler):

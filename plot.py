@@ -4,9 +4,12 @@ Fig. 5 in miniature).
 
     python plot.py out_fm/log.jsonl out_selfe/log.jsonl --labels "flow matching,Self-E" --out curve.png
     python plot.py out_fm/log.jsonl out_selfe/log.jsonl --x minutes   # against compute instead of iterations
+    python plot.py out_fm/log.jsonl out_selfe/log.jsonl --y swaps     # the model's own classifier instead
 
 Reads the `eval_overall` records that train.py writes every --eval-every steps (the small set, at 2 and 8 steps)
-and draws one colour per run: a solid line at 2 steps, a dashed one at 8. `--x minutes` puts each score at the
+and draws one colour per run: a solid line at 2 steps, a dashed one at 8. `--y swaps` draws the records'
+`swap_accuracy` instead, averaged over its four kinds: how often the model's own classifier (the one
+self-evaluation relies on) tells an image's prompt from a one-word swap. `--x minutes` puts each score at the
 training time the run had spent to reach it, summed from the log's ms_per_step (evaluations and grids excluded):
 a Self-E step costs more than a flow-matching one, so this is the fair comparison for a fixed budget. Drawn with
 Pillow, which the project already needs, so there is nothing more to install.
@@ -25,8 +28,17 @@ COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 1
 W, H, LEFT, RIGHT, TOP, BOTTOM = 720, 440, 60, 170, 30, 50  # image size and the margins around the plot area
 
 
-def read_curves(path, x="iteration"):
-    """log.jsonl -> {steps: [(x, overall), ...]}, x the iteration or the training minutes spent to reach it."""
+def points(rec, y):
+    """One log record -> {curve name: value} for the chosen y."""
+    if y == "swaps":
+        acc = rec.get("swap_accuracy")
+        return {"swap accuracy": sum(acc.values()) / len(acc)} if acc else {}
+    return {f"{k} steps": v for k, v in rec.get("eval_overall", {}).items()}
+
+
+def read_curves(path, x="iteration", y="shapes"):
+    """log.jsonl -> {curve: [(x, value), ...]}, x the iteration or the training minutes spent to reach it; the
+    curves: ShapesEval overall at each step count, or (y "swaps") the mean swap accuracy."""
     curves, ms_per_step = {}, {}
     try:
         with open(path) as f:
@@ -34,15 +46,15 @@ def read_curves(path, x="iteration"):
                 rec = json.loads(line) if line.strip() else {}
                 if "ms_per_step" in rec:
                     ms_per_step[rec["step"]] = rec["ms_per_step"]  # the mean over the steps since the last record
-                for k, v in rec.get("eval_overall", {}).items():
-                    curves.setdefault(int(k), []).append((rec["step"], v))
+                for name, v in points(rec, y).items():
+                    curves.setdefault(name, []).append((rec["step"], v))
     except OSError as e:
         raise InputError(f"{path}: {e.strerror}") from None
     except ValueError:
         raise InputError(f"{path}: not a train.py log.jsonl (a line is not JSON)") from None
     if not curves:
-        raise InputError(f"{path}: no ShapesEval scores in it (train.py writes them every --eval-every steps on the "
-                         f"shapes data)")
+        raise InputError(f"{path}: no {'swap accuracies' if y == 'swaps' else 'ShapesEval scores'} in it (train.py "
+                         f"writes them every --eval-every steps on the shapes data)")
     if x == "minutes":
         if not ms_per_step:
             raise InputError(f"{path}: no ms_per_step records to measure minutes by")
@@ -70,11 +82,16 @@ def segment(draw, a, b, fill, dash=None):
                    (x0 + (x1 - x0) * (i + 1) / n, y0 + (y1 - y0) * (i + 1) / n)], fill=fill, width=2)
 
 
-def plot(runs, out, steps=(2, 8), x_label="iteration",
-         title="ShapesEval overall during training (small set: 96 images a point)"):
-    """runs: {label: {steps: [(x, score), ...]}} -> PNG at out. The y axis is the score, 0 to 1."""
+TITLES = {"shapes": "ShapesEval overall during training (small set: 96 images a point)",
+          "swaps": "the model's own classifier on one-word prompt swaps (256 pairs a point; chance 0.5)"}
+
+
+def plot(runs, out, x_label="iteration", title=TITLES["shapes"]):
+    """runs: {label: {curve: [(x, score), ...]}} -> PNG at out. The y axis is the score, 0 to 1; one colour per
+    run, the first curve solid, the others dashed."""
     font = ImageFont.load_default(size=13)
-    legend_w = 56 + max(font.getlength(f"{label}, {k} steps") for label in runs for k in steps)
+    names = list(dict.fromkeys(name for curves in runs.values() for name in curves))
+    legend_w = 56 + max(font.getlength(f"{label}, {k}") for label in runs for k in names)
     img = Image.new("RGB", (max(W, round(W - RIGHT + legend_w)), H), "white")  # wider for long labels
     draw = ImageDraw.Draw(img)
     x_max = max(it for curves in runs.values() for pts in curves.values() for it, _ in pts)
@@ -90,14 +107,14 @@ def plot(runs, out, steps=(2, 8), x_label="iteration",
     draw.text(((LEFT + W - RIGHT) / 2, H - 18), x_label, fill="black", font=font, anchor="mm")
     legend_y = TOP
     for color, (label, curves) in zip(COLORS * len(runs), runs.items()):
-        for k in steps:
-            pts, dash = [(px(it), py(v)) for it, v in sorted(curves.get(k, []))], None if k == steps[0] else 7
+        for k in names:
+            pts, dash = [(px(it), py(v)) for it, v in sorted(curves.get(k, []))], None if k == names[0] else 7
             for a, b in zip(pts, pts[1:]):
                 segment(draw, a, b, color, dash)
             for x, y in pts:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
             segment(draw, (W - RIGHT + 10, legend_y + 7), (W - RIGHT + 40, legend_y + 7), color, dash)
-            draw.text((W - RIGHT + 46, legend_y), f"{label}, {k} steps", fill="black", font=font)
+            draw.text((W - RIGHT + 46, legend_y), f"{label}, {k}", fill="black", font=font)
             legend_y += 20
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     img.save(out)
@@ -109,6 +126,8 @@ def main():
     p.add_argument("--labels", help="comma-separated, one per log (default: each log's folder name)")
     p.add_argument("--x", choices=["iteration", "minutes"], default="iteration",
                    help="x axis: iterations, or training minutes from the log's ms_per_step")
+    p.add_argument("--y", choices=list(TITLES), default="shapes",
+                   help="ShapesEval at 2 and 8 steps, or the model's own classifier on prompt swaps")
     p.add_argument("--out", default="curve.png")
     args = p.parse_args()
     labels = args.labels.split(",") if args.labels else [os.path.basename(os.path.dirname(os.path.abspath(f)))
@@ -116,7 +135,8 @@ def main():
     if len(labels) != len(args.logs):
         raise InputError(f"--labels gives {len(labels)} names for {len(args.logs)} logs")
     x_label = "iteration" if args.x == "iteration" else "training minutes (evaluations excluded)"
-    plot({label: read_curves(f, args.x) for label, f in zip(labels, args.logs)}, args.out, x_label=x_label)
+    plot({label: read_curves(f, args.x, args.y) for label, f in zip(labels, args.logs)}, args.out, x_label,
+         TITLES[args.y])
     print(f"wrote {args.out}")
 
 

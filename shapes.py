@@ -320,6 +320,28 @@ def eval_prompts(per_tag, seed=2026):
     return [random_prompt(rng, tag) for tag in TAGS for _ in range(per_tag)]
 
 
+SWAPS = {"shape": "single_object", "colour": "colors", "count": "counting", "relation": "position"}
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def prompt_swaps(per_kind, seed=2027):
+    """-> [(kind, meta, swapped meta)]: per_kind true prompts for each kind of one-word swap (SWAPS: the template
+    each kind changes), each with the prompt that differs in that word only and is false of every scene of the true
+    one: another shape, another colour, another count, the opposite relation."""
+    rng, out = np.random.default_rng(seed), []
+    for kind, tag in SWAPS.items():
+        for _ in range(per_kind):
+            a, b = rng.choice(SHAPES, 2, replace=False).tolist()
+            ca, cb = rng.choice(list(COLORS), 2, replace=False).tolist()
+            n, m = (int(k) for k in rng.choice(list(NUMBERS), 2, replace=False))
+            rel = RELATIONS[rng.integers(4)]
+            swapped = {"shape": (b, a, ca, n, rel), "colour": (a, b, cb, n, rel), "count": (a, b, ca, m, rel),
+                       "relation": (a, b, ca, n, OPPOSITE[rel])}[kind]
+            meta = prompt_meta(tag, a, b, ca, cb, n, rel)
+            out.append((kind, meta, prompt_meta(tag, *swapped[:3], cb, *swapped[3:])))
+    return out
+
+
 def summarize(metas, correct):
     """Per-category accuracy over images, and Overall = the unweighted mean of the six categories (GenEval)."""
     out = {tag: float(np.mean([c for m, c in zip(metas, correct) if m["tag"] == tag])) for tag in TAGS}

@@ -506,6 +506,41 @@ def parse(prompt):
     return counts, colors, rel
 
 
+def test_prompt_swaps_change_one_word_and_are_false_of_the_true_scene():
+    swaps, rng = shapes.prompt_swaps(16), np.random.default_rng(0)
+    assert [kind for kind, _, _ in swaps] == [kind for kind in shapes.SWAPS for _ in range(16)]
+    for kind, meta, swapped in swaps:
+        a, b = meta["prompt"].split(), swapped["prompt"].split()
+        assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1, (a, b)
+        assert meta["tag"] == swapped["tag"] == shapes.SWAPS[kind] and swapped["prompt"] in shapes.all_prompts()
+        objs = shapes.scene_for(meta, rng)
+        assert shapes.score(objs, meta) and not shapes.score(objs, swapped), (meta["prompt"], swapped["prompt"])
+
+
+def test_swap_accuracy_reads_the_models_pick_per_kind():
+    """A model that ignores its prompt scores chance, 0.5, on every kind; an oracle that recovers the clean image
+    under the true prompt alone (from the noise, which it knows here) scores 1, and 0 when it favours the swap."""
+    prompts = shapes.all_prompts()
+    text = lambda batch: torch.tensor([float(prompts.index(p)) for p in batch])  # noqa: E731  prompt ids
+    true_ids = text([meta["prompt"] for _, meta, _ in shapes.prompt_swaps(8)])
+
+    class Oracle(nn.Module):
+        def __init__(self, favour_true):
+            super().__init__()
+            self.res, self.favour_true, self.w = 16, favour_true, nn.Parameter(torch.zeros(()))
+
+        def forward(self, x_s, t, s, ids):
+            eps = torch.randn(x_s.shape, generator=torch.Generator().manual_seed(0))
+            x0 = (x_s - selfe.bcast(t, x_s) * eps) / selfe.bcast(1 - t, x_s)
+            knows = (ids == true_ids) == self.favour_true  # G = x0 exactly there, G = x_s elsewhere
+            return torch.where(selfe.bcast(knows, x_s), (x_s - x0) / selfe.bcast(t, x_s), 0 * x_s)
+
+    blind = Oracle(True)
+    blind.forward = lambda x_s, t, s, ids: 0.1 * x_s
+    for model, expected in ((blind, 0.5), (Oracle(True), 1.0), (Oracle(False), 0.0)):
+        assert common.swap_accuracy(model, text, per_kind=8) == {kind: expected for kind in shapes.SWAPS}
+
+
 def test_every_caption_is_true_of_its_image():
     rng = np.random.default_rng(0)
     for tag in shapes.TAGS:
@@ -840,6 +875,7 @@ def test_train_resume_and_sample_on_shapes(tmp_path):
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
     (ev,) = read_log(out, "eval_overall")  # the few-step score, logged during training
     assert ev["step"] == 4 and set(ev["eval_overall"]) == set(ev["eval_fd"]) == {"2", "8"}
+    assert set(ev["swap_accuracy"]) == set(shapes.SWAPS) and all(0 <= v <= 1 for v in ev["swap_accuracy"].values())
     assert "ShapesEval overall" in text
     # the paper's table in miniature at the end: printed, logged, kept with its grid
     assert "ShapesEval small (96 images per step count), selfe, EMA weights at step 4" in text
@@ -942,6 +978,21 @@ def test_plot_draws_each_runs_scores_where_they_belong(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as e:
         common.run_cli(plot.main)
     assert e.value.code == 2 and "no ShapesEval scores" in capsys.readouterr().err
+
+
+def test_plot_draws_the_mean_swap_accuracy(tmp_path, monkeypatch):
+    import plot
+    log = tmp_path / "log.jsonl"
+    with open(log, "w") as f:
+        for step, acc in ((500, [0.5, 0.7, 0.5, 0.5]), (1000, [0.9, 0.9, 0.7, 0.5])):
+            f.write(json.dumps({"step": step, "swap_accuracy": dict(zip(shapes.SWAPS, acc))}) + "\n")
+    assert plot.read_curves(str(log), y="swaps") == {"swap accuracy": [(500, 0.55), (1000, 0.75)]}
+    monkeypatch.setattr(sys, "argv", ["plot.py", str(log), "--y", "swaps", "--out", str(tmp_path / "swaps.png")])
+    plot.main()
+    img = Image.open(tmp_path / "swaps.png").convert("RGB")
+    x = lambda it: round(plot.LEFT + (plot.W - plot.LEFT - plot.RIGHT) * it / 1000)  # noqa: E731
+    y = lambda v: round(plot.H - plot.BOTTOM - (plot.H - plot.TOP - plot.BOTTOM) * v)  # noqa: E731
+    assert img.getpixel((x(500), y(0.55))) == img.getpixel((x(1000), y(0.75))) == plot.COLORS[0]
 
 
 def test_plot_against_minutes_places_scores_at_the_training_time_spent(tmp_path, capsys, monkeypatch):

@@ -27,7 +27,7 @@ import data
 import recipe
 import shapes
 from common import SAMPLERS, check_writable, eval_report, generate, read_checkpoint, run_cli, save_checkpoint, \
-    save_grid, shapes_eval
+    save_grid, shapes_eval, swap_accuracy
 from selfe import InputError
 
 GRID_PROMPTS = ["a photo of a red circle", "a photo of a blue square", "a photo of a triangle and a circle",
@@ -214,14 +214,17 @@ def write_grid(run, source, step):
 
 
 def write_eval(run, step, log):
-    """ShapesEval small at 2 and 8 steps into log.jsonl, so a user can watch the few-step score rise."""
+    """ShapesEval small at 2 and 8 steps into log.jsonl, so a user can watch the few-step score rise, and beside it
+    how well the model's own classifier tells prompts apart (swap_accuracy)."""
     results, _, _ = shapes_eval(run.ema, run.text, [2, 8], "small", progress=False, shift=run.cfg["shift"],
                                 **SAMPLERS[run.cfg["method"]])
     scores = {k: round(r["overall"], 4) for k, r in results.items()}
     fd = {k: round(r["fd"], 3) for k, r in results.items()}
-    log.write(json.dumps({"step": step, "eval_overall": scores, "eval_fd": fd}) + "\n")
+    swaps = {k: round(v, 4) for k, v in swap_accuracy(run.ema, run.text).items()}
+    log.write(json.dumps({"step": step, "eval_overall": scores, "eval_fd": fd, "swap_accuracy": swaps}) + "\n")
     tqdm.write(f"step {step}: ShapesEval overall (scene distance) "
-               + ", ".join(f"{scores[k]:.3f} ({fd[k]:.2f}) at {k} steps" for k in scores))
+               + ", ".join(f"{scores[k]:.3f} ({fd[k]:.2f}) at {k} steps" for k in scores)
+               + "; swap accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in swaps.items()))
 
 
 def final_eval(run, step, log):
