@@ -698,19 +698,20 @@ def test_bf16_autocast_loss_and_gradients_are_finite_and_close_to_fp32():
 
 
 @pytest.mark.gpu_path
-def test_data_workers_render_at_least_twice_what_the_gpu_step_needs():
-    """The GPU preset's workers, rendering at this CPU's speed, against the images/s that flow matching's step (the
-    cheaper one) takes on an H100 at 35 % MFU, by its FLOPs. A GPU waiting for data wastes its minutes."""
+def test_data_workers_render_half_again_what_the_gpu_step_needs():
+    """The GPU preset's workers, each rendering at the speed of one core of this CPU, against the images/s that flow
+    matching's step (the cheaper one) takes on an H100 at 35 % MFU, by its FLOPs: they keep up with it at 50 % MFU
+    too. A GPU waiting for data wastes its minutes. CPU time, not wall time: a busy machine cannot fail it."""
     cfg = {**recipe.DEFAULTS, **recipe.PRESETS["gpu"], "method": "fm"}
     model = common.build_model(cfg, text_dim=384)
     need = cfg["batch_size"] * 0.35 * 989e12 / recipe.step_flops(model, cfg, cfg["batch_size"], aux=False)
     world, rng = data.ShapesData(cfg["res"]), np.random.default_rng(0)
     world.batch(cfg["batch_size"], rng)  # warm-up
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 2:
+    t0, n = time.process_time(), 0
+    while time.process_time() - t0 < 2:
         n += len(world.batch(cfg["batch_size"], rng)[1])
-    per_worker = n / (time.perf_counter() - t0)
-    assert cfg["workers"] * per_worker >= 2 * need, (per_worker, need)
+    per_worker = n / (time.process_time() - t0)
+    assert cfg["workers"] * per_worker >= 1.5 * need, (per_worker, need)
 
 
 @pytest.mark.slow
