@@ -15,9 +15,9 @@
 # ~/.cache/selfe_inductor), outside --out: the training runs load the bench's graphs, and a rerun on the same
 # machine compiles nothing again.
 #
-# Everything goes to --out (default gpu_check_out): check.log (all output), bench.txt, fm/ and selfe/ (the runs),
-# and report/, the few small files worth keeping (at most 8): summary.md, check.log, and per method log.jsonl, the
-# evaluation grid and the last sample grid. report/ is written however the check ends.
+# Everything goes to --out (default gpu_check_out): check.log (all output, the bench's lines too), fm/ and selfe/
+# (the runs), and report/, the few small files worth keeping (at most 8): summary.md, check.log, and per method
+# log.jsonl, the evaluation grid and the last sample grid. report/ is written however the check ends.
 set -euo pipefail
 OUT=gpu_check_out
 ENCODER=default
@@ -73,7 +73,7 @@ check() {
   python3 -c "import torch; print('torch', torch.__version__, '|',
              torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
   left=$((DEADLINE - SECONDS))
-  limited $((left / 3)) python3 bench.py "${ARGS[@]}" --method selfe --text-encoder "$ENCODER" | tee "$OUT/bench.txt"
+  limited $((left / 3)) python3 bench.py "${ARGS[@]}" --method selfe --text-encoder "$ENCODER"
   for method in fm selfe; do
     left=$((DEADLINE - SECONDS))
     start=$SECONDS
