@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import data
 import selfe
 import shapes
 from selfe import InputError
@@ -165,7 +166,7 @@ def swap_accuracy(model, text, per_kind=64, s=0.5, seed=0):
     swaps = shapes.prompt_swaps(per_kind)
     rng = np.random.default_rng(seed)
     pixels = np.stack([shapes.render(shapes.scene_for(meta, rng), model.res) for _, meta, _ in swaps])
-    x0 = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1).to(device)  # (N, 3, H, W)
+    x0 = data.to_model(pixels).to(device)  # (N, 3, H, W)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     t = torch.full((len(x0),), s, device=device)
     x_s = selfe.add_noise(x0, t, eps)
