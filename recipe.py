@@ -24,8 +24,8 @@ CONFIG = {
     "preset": ("auto", "cpu | gpu | gpu-long | auto (gpu when CUDA is available); README gives their minutes"),
     "method": ("selfe", "selfe | fm (flow-matching baseline: s = t always, no self-evaluation)"),
     "renorm": (True, "energy-preserving target, Eq. 19 (off: the paper's 'w/o target norm' ablation)"),
-    "aux_start": (0.77, "fraction of the run after which the fake-score term is on (paper 550k/710k); "
-                        "0 = from the start (ablation), 1 = never"),
+    "aux_start": (None, "fraction of the run after which the fake-score term is on; 0 = from the start (ablation), "
+                        "1 = never; from the preset: the paper's 0.77 (550k/710k), 1 for the short cpu run"),
     "tau_ramp": (0.4, "fraction of the run over which tau ramps 0 -> 1 (paper 300k/710k)"),
     "p_equal": (0.5, "fraction of rows with s = t (paper)"),
     "p_null": (0.1, "probability of the empty prompt (ours; the paper gives none)"),
@@ -46,19 +46,22 @@ CONFIG = {
     "ckpt_every": (1000, "steps between checkpoints (and at the end, and on Ctrl-C / SIGTERM)"),
     "seed": (0, "seed for weights, data and noise"),
 }
-DEFAULTS = {k: v for k, (v, _) in CONFIG.items()}
+DEFAULTS = {k: v for k, (v, _) in CONFIG.items()}  # None: the preset gives it
 PRESETS = {  # README gives what each costs
     # iters 2600: as many as fit 15 minutes on 2 cores with the table at the end (measured: README); warmup 100
-    # (the paper: 1k of 710k steps): 4 % of the run, where 1k would spend 40 % of it warming up
+    # (the paper: 1k of 710k steps): 4 % of the run, where 1k would spend 40 % of it warming up; aux_start 1: the
+    # fake-score term never comes on. The paper needs it against checkerboard artefacts late in a 710k-step run;
+    # in 2600 steps it cost 2-step scene distance on two seeds and 6 % of the time (results/README.md)
     "cpu": dict(model="tiny", res=32, patch=4, text_len=16, batch_size=32, iters=2600, lr=1e-3, warmup=100,
-                compile=False, bf16=False, workers=0),  # workers 0: both cores are busy with the step
+                aux_start=1.0, compile=False, bf16=False, workers=0),  # workers 0: both cores are busy with the step
     # a few minutes on one GPU: the paper's table in miniature (flow matching vs Self-E at 2 to 50 steps); sized
-    # by FLOPs (README), iterations and lr still to be set by a measured GPU run
+    # by FLOPs (README), iterations and lr still to be set by a measured GPU run; workers: processes rendering
+    # batches ahead of the GPU
     "gpu": dict(model="small", res=32, patch=2, text_len=16, batch_size=256, iters=2000, lr=5e-4, warmup=100,
-                compile=True, bf16=True, workers=12),  # workers: processes rendering batches ahead of the GPU
+                aux_start=0.77, compile=True, bf16=True, workers=12),
     # hours: 64 px, room for long captions, the paper's warm-up
     "gpu-long": dict(model="small", res=64, patch=2, text_len=64, batch_size=256, iters=50000, lr=3e-4,
-                     warmup=1000, compile=True, bf16=True, workers=12),
+                     warmup=1000, aux_start=0.77, compile=True, bf16=True, workers=12),
 }
 EVAL_CHOICES = [*shapes.EVAL_SIZES, "off"]
 
@@ -85,7 +88,7 @@ def finish_config(cfg, world, quiet=False):
         if not quiet:
             print(f"preset: {cfg['preset']} ({'CUDA found' if cfg['preset'] == 'gpu' else 'no GPU found'}; "
                   f"--preset to choose)")
-    cfg.update({k: v for k, v in PRESETS[cfg["preset"]].items() if k not in cfg})
+    cfg.update({k: v for k, v in PRESETS[cfg["preset"]].items() if cfg.get(k) is None})
     checks = [
         (cfg["res"] % cfg["patch"] == 0, f"--res {cfg['res']} is not a multiple of --patch {cfg['patch']}"),
         (min(cfg["iters"], cfg["batch_size"], cfg["text_len"], cfg["res"]) >= 1,

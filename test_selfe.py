@@ -817,6 +817,21 @@ def test_every_caption_a_run_meets_is_encoded_before_its_first_step(monkeypatch)
         run.step(step, *data.Batches(world, 8, 0, 0)[step])
 
 
+def test_the_preset_says_when_the_fake_score_term_comes_on_and_a_flag_wins():
+    """The CPU preset never switches the fake-score term on (2600 steps are too short for it: measured), the GPU
+    presets at the paper's 77 %; --aux-start, given, wins over the preset, and a resumed run keeps its own value."""
+    def resolved(argv, saved=()):  # as train.py: defaults, then a resumed run's config, then the flags given
+        given = vars(recipe.config_parser("").parse_args(argv))
+        return recipe.finish_config({**recipe.DEFAULTS, **dict(saved), **given}, world=1, quiet=True)
+
+    cpu, gpu = resolved(["--preset", "cpu"]), resolved(["--preset", "gpu"])
+    assert cpu["aux_start"] == 1.0 and not any(recipe.aux_on(k, cpu) for k in range(cpu["iters"]))
+    assert gpu["aux_start"] == 0.77 and recipe.aux_on(gpu["iters"] - 1, gpu) and not recipe.aux_on(1500, gpu)
+    assert resolved(["--preset", "cpu", "--aux-start", "0.5"])["aux_start"] == 0.5
+    assert resolved(["--preset", "gpu", "--aux-start", "1"])["aux_start"] == 1.0
+    assert resolved(["--preset", "cpu"], saved={"aux_start": 0.77})["aux_start"] == 0.77
+
+
 def test_mfu_knows_gpu_variants_apart():
     peaks = {name: recipe.peak_flops(f"NVIDIA {name}") for name in ("H200 NVL", "H200", "H100 NVL", "H100 PCIe",
                                                                      "H100 80GB HBM3", "A100-SXM4-80GB", "L4")}
