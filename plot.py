@@ -1,18 +1,20 @@
 """
-The in-training ShapesEval score over iterations or training minutes, several runs on one chart (the paper's
-Fig. 5 in miniature).
+The in-training ShapesEval score over iterations or training minutes, several runs on one chart (the
+paper's Fig. 5 in miniature).
 
-    python plot.py out_fm/log.jsonl out_selfe/log.jsonl --labels "flow matching,Self-E" --out curve.png
-    python plot.py out_fm/log.jsonl out_selfe/log.jsonl --x minutes   # against compute instead of iterations
-    python plot.py out_fm/log.jsonl out_selfe/log.jsonl --y swaps     # the model's own classifier instead
+    python plot.py out_fm/log.jsonl out_selfe/log.jsonl --labels "flow matching,Self-E" \
+        --out curve.png
+    python plot.py out_fm/log.jsonl out_selfe/log.jsonl --x minutes  # vs compute, not iterations
+    python plot.py out_fm/log.jsonl out_selfe/log.jsonl --y swaps    # the model's own classifier
 
-Reads the `eval_overall` records that train.py writes every --eval-every steps (the small set, at 2 and 8 steps)
-and draws one colour per run: a solid line at 2 steps, a dashed one at 8. `--y swaps` draws the records'
-`swap_accuracy` instead, averaged over its four kinds: how often the model's own classifier (the one
-self-evaluation relies on) tells an image's prompt from a one-word swap. `--x minutes` puts each score at the
-training time the run had spent to reach it, summed from the log's ms_per_step (evaluations and grids excluded):
-a Self-E step costs more than a flow-matching one, so this is the fair comparison for a fixed budget. Drawn with
-Pillow, which the project already needs, so there is nothing more to install.
+Reads the `eval_overall` records that train.py writes every --eval-every steps (the small set, at 2
+and 8 steps) and draws one colour per run: a solid line at 2 steps, a dashed one at 8. `--y swaps`
+draws the records' `swap_accuracy` instead, averaged over its four kinds: how often the model's own
+classifier (the one self-evaluation relies on) tells an image's prompt from a one-word swap.
+`--x minutes` puts each score at the training time the run had spent to reach it, summed from the
+log's ms_per_step (evaluations and grids excluded): a Self-E step costs more than a flow-matching
+one, so this is the fair comparison for a fixed budget. Drawn with Pillow, which the project already
+needs, so there is nothing more to install.
 """
 import argparse
 import json
@@ -21,11 +23,11 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from common import Parser, run_cli
-from selfe import InputError
+from cli import InputError, Parser, run_cli
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-W, H, LEFT, RIGHT, TOP, BOTTOM = 720, 440, 60, 170, 30, 50  # image size and the margins around the plot area
+# image size and the margins around the plot area
+W, H, LEFT, RIGHT, TOP, BOTTOM = 720, 440, 60, 170, 30, 50
 
 
 def points(rec, y):
@@ -37,15 +39,17 @@ def points(rec, y):
 
 
 def read_curves(path, x="iteration", y="shapes"):
-    """log.jsonl -> {curve: [(x, value), ...]}, x the iteration or the training minutes spent to reach it; the
-    curves: ShapesEval overall at each step count, or (y "swaps") the mean swap accuracy."""
+    """log.jsonl -> {curve: [(x, value), ...]}, x the iteration or the training minutes spent to
+    reach it; the curves: ShapesEval overall at each step count, or (y "swaps") the mean swap
+    accuracy."""
     curves, ms_per_step = {}, {}
     try:
         with open(path) as f:
             for line in f:
                 rec = json.loads(line) if line.strip() else {}
                 if "ms_per_step" in rec:
-                    ms_per_step[rec["step"]] = rec["ms_per_step"]  # the mean over the steps since the last record
+                    # the mean over the steps since the last record
+                    ms_per_step[rec["step"]] = rec["ms_per_step"]
                 for name, v in points(rec, y).items():
                     curves.setdefault(name, []).append((rec["step"], v))
     except OSError as e:
@@ -53,8 +57,9 @@ def read_curves(path, x="iteration", y="shapes"):
     except ValueError:
         raise InputError(f"{path}: not a train.py log.jsonl (a line is not JSON)") from None
     if not curves:
-        raise InputError(f"{path}: no {'swap accuracies' if y == 'swaps' else 'ShapesEval scores'} in it (train.py "
-                         f"writes them every --eval-every steps on the shapes data)")
+        raise InputError(
+            f"{path}: no {'swap accuracies' if y == 'swaps' else 'ShapesEval scores'} in it "
+            f"(train.py writes them every --eval-every steps on the shapes data)")
     if x == "minutes":
         if not ms_per_step:
             raise InputError(f"{path}: no ms_per_step records to measure minutes by")
@@ -64,35 +69,40 @@ def read_curves(path, x="iteration", y="shapes"):
 
 
 def training_minutes(ms_per_step):
-    """{logged step: mean ms per step since the previous record} -> iteration -> minutes spent to reach it (linear
-    between records, which is each interval's own speed)."""
+    """{logged step: mean ms per step since the previous record} -> iteration -> minutes spent to
+    reach it (linear between records, which is each interval's own speed)."""
     steps = [0, *sorted(ms_per_step)]
-    minutes = np.cumsum([0] + [(b - a) * ms_per_step[b] / 60000 for a, b in zip(steps, steps[1:])])
+    minutes = np.cumsum([0] + [(b - a) * ms_per_step[b] / 60000
+                               for a, b in zip(steps, steps[1:])])
     return lambda it: float(np.interp(it, steps, minutes))
 
 
 def segment(draw, a, b, fill, dash=None):
-    """A line from a to b, 2 px wide; dashed when dash (the length of a dash, in pixels) is given."""
+    """A line from a to b, 2 px wide; dashed when dash (the length of a dash, in pixels) is
+    given."""
     if dash is None:
         return draw.line([a, b], fill=fill, width=2)
     (x0, y0), (x1, y1) = a, b
     n = max(1, int(((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5 // dash))
     for i in range(0, n, 2):
         draw.line([(x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n),
-                   (x0 + (x1 - x0) * (i + 1) / n, y0 + (y1 - y0) * (i + 1) / n)], fill=fill, width=2)
+                   (x0 + (x1 - x0) * (i + 1) / n, y0 + (y1 - y0) * (i + 1) / n)],
+                  fill=fill, width=2)
 
 
 TITLES = {"shapes": "ShapesEval overall during training (small set: 96 images a point)",
-          "swaps": "the model's own classifier on one-word prompt swaps (256 pairs a point; chance 0.5)"}
+          "swaps": "the model's own classifier on one-word prompt swaps "
+                   "(256 pairs a point; chance 0.5)"}
 
 
 def plot(runs, out, x_label="iteration", title=TITLES["shapes"]):
-    """runs: {label: {curve: [(x, score), ...]}} -> PNG at out. The y axis is the score, 0 to 1; one colour per
-    run, the first curve solid, the others dashed."""
+    """runs: {label: {curve: [(x, score), ...]}} -> PNG at out. The y axis is the score, 0 to 1; one
+    colour per run, the first curve solid, the others dashed."""
     font = ImageFont.load_default(size=13)
     names = list(dict.fromkeys(name for curves in runs.values() for name in curves))
     legend_w = 56 + max(font.getlength(f"{label}, {k}") for label in runs for k in names)
-    img = Image.new("RGB", (max(W, round(W - RIGHT + legend_w)), H), "white")  # wider for long labels
+    # wider for long labels
+    img = Image.new("RGB", (max(W, round(W - RIGHT + legend_w)), H), "white")
     draw = ImageDraw.Draw(img)
     x_max = max(it for curves in runs.values() for pts in curves.values() for it, _ in pts)
     px = lambda it: LEFT + (W - LEFT - RIGHT) * it / x_max  # noqa: E731
@@ -108,12 +118,14 @@ def plot(runs, out, x_label="iteration", title=TITLES["shapes"]):
     legend_y = TOP
     for color, (label, curves) in zip(COLORS * len(runs), runs.items()):
         for k in names:
-            pts, dash = [(px(it), py(v)) for it, v in sorted(curves.get(k, []))], None if k == names[0] else 7
+            pts, dash = ([(px(it), py(v)) for it, v in sorted(curves.get(k, []))],
+                         None if k == names[0] else 7)
             for a, b in zip(pts, pts[1:]):
                 segment(draw, a, b, color, dash)
             for x, y in pts:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-            segment(draw, (W - RIGHT + 10, legend_y + 7), (W - RIGHT + 40, legend_y + 7), color, dash)
+            segment(draw, (W - RIGHT + 10, legend_y + 7), (W - RIGHT + 40, legend_y + 7),
+                    color, dash)
             draw.text((W - RIGHT + 46, legend_y), f"{label}, {k}", fill="black", font=font)
             legend_y += 20
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -123,20 +135,22 @@ def plot(runs, out, x_label="iteration", title=TITLES["shapes"]):
 def main():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logs", nargs="+", help="log.jsonl files written by train.py")
-    p.add_argument("--labels", help="comma-separated, one per log (default: each log's folder name)")
+    p.add_argument("--labels",
+                   help="comma-separated, one per log (default: each log's folder name)")
     p.add_argument("--x", choices=["iteration", "minutes"], default="iteration",
                    help="x axis: iterations, or training minutes from the log's ms_per_step")
     p.add_argument("--y", choices=list(TITLES), default="shapes",
-                   help="ShapesEval at 2 and 8 steps, or the model's own classifier on prompt swaps")
+                   help="ShapesEval at 2 and 8 steps, "
+                        "or the model's own classifier on prompt swaps")
     p.add_argument("--out", default="curve.png")
     args = p.parse_args()
-    labels = args.labels.split(",") if args.labels else [os.path.basename(os.path.dirname(os.path.abspath(f)))
-                                                          for f in args.logs]
+    labels = args.labels.split(",") if args.labels else [
+        os.path.basename(os.path.dirname(os.path.abspath(f))) for f in args.logs]
     if len(labels) != len(args.logs):
         raise InputError(f"--labels gives {len(labels)} names for {len(args.logs)} logs")
     x_label = "iteration" if args.x == "iteration" else "training minutes (evaluations excluded)"
-    plot({label: read_curves(f, args.x, args.y) for label, f in zip(labels, args.logs)}, args.out, x_label,
-         TITLES[args.y])
+    plot({label: read_curves(f, args.x, args.y) for label, f in zip(labels, args.logs)}, args.out,
+         x_label, TITLES[args.y])
     print(f"wrote {args.out}")
 
 

@@ -12,12 +12,16 @@ generated images with what it reads from true scenes of the same prompts. `evalu
 through a draw function, so this file needs no model.
 """
 import itertools
+import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
+
+import selfe
 
 # Six well-separated colours from GenEval's list of ten.
 COLORS = {"red": (220, 40, 40), "yellow": (240, 210, 40), "green": (40, 170, 60), "blue": (40, 90, 230),
@@ -142,6 +146,29 @@ def render(objs, res, supersample=4):
         else:  # upright triangle filling its box
             draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[o.color])
     return np.asarray(img.resize((res, res), Image.BOX))
+
+
+def to_model(images):
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1], what the model trains on."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_pixels(x):
+    """(3, H, W) tensor in [-1, 1] -> (H, W, 3) uint8, what the judge reads."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+class TrainingData:
+    """The shapes world as training data: infinite, seeded by the rng it is given, nothing to download."""
+
+    def __init__(self, res=32):
+        self.res = res
+        self.captions = all_prompts()  # every caption a batch can hold
+
+    def batch(self, n, rng):
+        metas = [random_prompt(rng) for _ in range(n)]
+        images = np.stack([render(scene_for(m, rng), self.res) for m in metas])
+        return to_model(images), [m["prompt"] for m in metas]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,11 +384,6 @@ def eval_images(size):
     return IMAGES_PER_PROMPT * len(TAGS) * EVAL_SIZES[size]
 
 
-def to_pixels(x):
-    """(3, H, W) tensor in [-1, 1] -> (H, W, 3) uint8, what the judge reads."""
-    return ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-
-
 def evaluate(draw, res, per_tag, seed=0, batch=96, progress=True):
     """ShapesEval -> ({steps: {"overall", "fd", tag: accuracy}}, {steps: (6, 3, H, W)}, 6 prompts): the scores
     (fd: the scene distance to true scenes of the same prompts, lower is better), and the first image of each
@@ -384,6 +406,55 @@ def evaluate(draw, res, per_tag, seed=0, batch=96, progress=True):
     ref = features_of(true_scenes(rows, res))  # true scenes of the same prompts
     results = {k: {**summarize(rows, c), "fd": frechet(np.stack(feats[k]), ref)} for k, c in correct.items()}
     return results, {k: torch.stack(v) for k, v in grid.items()}, [rows[j]["prompt"] for j in firsts]
+
+
+def report(draw, res, size, out, info, seed=0, progress=True):
+    """ShapesEval at every step count draw makes -> results; writes OUT/results.json (info, the scores)
+    and OUT/grid.png (the first image of each category)."""
+    results, images, names = evaluate(draw, res, EVAL_SIZES[size], seed, progress=progress)
+    save_grid(images, names, os.path.join(out, "grid.png"))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({**info, "eval_size": size, "images_per_step_count": eval_images(size), "seed": seed,
+                   "results": results}, f, indent=1)
+    return results
+
+
+def save_grid(images, prompts, path, cell=96):
+    """images: {steps: (P, 3, H, W)}. One row per prompt (its text on the left), a column per step count."""
+    font = ImageFont.load_default(size=13)  # the default size, 10, runs words together
+    cols, label_w, head_h = list(images), 8 + int(max(font.getlength(p) for p in prompts)), 18
+    grid = Image.new("RGB", (label_w + cell * len(cols), head_h + cell * len(prompts)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, steps in enumerate(cols):
+        draw.text((label_w + j * cell + 4, 2), f"{steps} step{'s' * (steps > 1)}", fill="black", font=font)
+        for i, x in enumerate(images[steps]):
+            img = Image.fromarray(to_pixels(x))
+            grid.paste(img.resize((cell, cell), Image.NEAREST), (label_w + j * cell, head_h + i * cell))
+    for i, p in enumerate(prompts):
+        draw.text((4, head_h + i * cell + cell // 2 - 7), p, fill="black", font=font)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    grid.save(path)
+
+
+@torch.no_grad()
+def swap_accuracy(model, text, per_kind=64, s=0.5, seed=0):
+    """The model's own classifier, the one self-evaluation steers by, on one-word prompt swaps ->
+    {kind: accuracy}. A true scene of each prompt is noised to time s; the model's Tweedie estimates
+    G(x_s, s, s, c) under the true and the swapped prompt are compared, and the one nearer the clean
+    image is its pick (log q(c | x_s) compares each prompt with the empty one: with the same noise that
+    term cancels). A tie counts half, so a model that ignores its prompt scores 0.5."""
+    device = next(model.parameters()).device
+    swaps = prompt_swaps(per_kind)
+    rng = np.random.default_rng(seed)
+    x0 = to_model(np.stack([render(scene_for(meta, rng), model.res) for _, meta, _ in swaps])).to(device)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    t = torch.full((len(x0),), s, device=device)
+    x_s = selfe.add_noise(x0, t, eps)
+    err_true, err_swap = (selfe.sq_err(selfe.G(model, x_s, t, t, text([m["prompt"] for m in metas])), x0)
+                          for metas in zip(*[(meta, swapped) for _, meta, swapped in swaps]))  # (N,) each
+    right = ((err_true < err_swap).float() + 0.5 * (err_true == err_swap).float()).cpu()
+    kinds = np.array([kind for kind, _, _ in swaps])
+    return {kind: float(right[kinds == kind].mean()) for kind in SWAPS}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
-import common  # noqa: E402
-import data  # noqa: E402
+import cli  # noqa: E402
+import model  # noqa: E402
 import sample  # noqa: E402
 import selfe  # noqa: E402
 import train  # noqa: E402
@@ -35,7 +35,7 @@ def expect_input_error(main, argv, capsys, monkeypatch):
     """Run a CLI in-process as its __main__ does; -> its stderr, after checking the contract."""
     monkeypatch.setattr(sys, "argv", ["prog", *argv])
     with pytest.raises(SystemExit) as e:
-        common.run_cli(main)
+        cli.run_cli(main)
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # a progress bar may come before it
     assert e.value.code == 2 and last.startswith("error: ") and "Traceback" not in err, err
@@ -148,7 +148,7 @@ def test_odd_images_are_converted_and_bad_files_skipped_and_counted(tmp_path, ca
     Image.new("RGB", (8, 8)).save(root / "nocaption.png")
     (root / "broken.png").write_bytes(open(root / "gray.png", "rb").read()[:40])
     (root / "broken.txt").write_text("a broken file")
-    folder = data.FolderData(str(root), 8)
+    folder = train.FolderData(str(root), 8)
     assert "6 images" in capsys.readouterr().out and len(folder.images) == 6
     assert folder.images.shape == (6, 8, 8, 3) and folder.images.dtype == np.uint8
     by_name = dict(zip(sorted(n for n in imgs), folder.images))
@@ -164,13 +164,13 @@ def test_folder_report_and_a_bad_metadata_line(tmp_path, capsys):
     root = tmp_path / "mixed"
     image_folder(root, ["a.png", "b.png"])
     Image.new("RGB", (8, 8)).save(root / "c.png")  # no caption
-    data.FolderData(str(root), 8)
+    train.FolderData(str(root), 8)
     assert f"data: 2 images from {root}; skipped 1 without a caption, 0 unreadable (e.g. c.png)" in \
         capsys.readouterr().out
     with open(root / "metadata.jsonl", "w") as f:
         f.write('{"file_name": "a.png", "text": "a photo"}\nnot json\n')
-    with pytest.raises(selfe.InputError, match="line 2"):
-        data.FolderData(str(root), 8)
+    with pytest.raises(cli.InputError, match="line 2"):
+        train.FolderData(str(root), 8)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def test_sigterm_during_the_final_evaluation_stops_it_with_the_run_saved(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         train.main(["--out", str(tmp_path), *RUN, "--iters", "3", "--final-eval", "medium"])
     assert time.perf_counter() - t0 < 20
-    assert common.read_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
+    assert model.read_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
     assert not os.path.exists(tmp_path / "eval" / "results.json")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
 
@@ -265,7 +265,7 @@ def test_kill_9_never_leaves_a_broken_checkpoint(reference, tmp_path):
         time.sleep(rng.uniform(0.2, 1.5))  # somewhere in a step or in a checkpoint write
         proc.kill()
         proc.wait()
-        ckpt = common.read_checkpoint(os.path.join(out, "ckpt.pt"))  # whole and loadable, whenever it died
+        ckpt = model.read_checkpoint(os.path.join(out, "ckpt.pt"))  # whole and loadable, whenever it died
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert_same_state(finish(out, "--resume"), reference)
 
@@ -293,11 +293,11 @@ def faulty_loss(bad_calls, kind="loss"):
 def test_non_finite_steps_are_skipped_and_counted(kind, tmp_path, monkeypatch):
     monkeypatch.setattr(selfe, "selfe_loss", faulty_loss(lambda k: k in (3, 4, 7), kind))
     out = str(tmp_path / "run")
-    model = train.main(["--out", out, *RUN, "--iters", "10"])
+    net = train.main(["--out", out, *RUN, "--iters", "10"])
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["skipped"] for r in log] == [0, 0, 1, 2, 2, 2, 3, 3, 3, 3]
     assert all(r["loss"] is None if r["step"] in (3, 4, 7) else np.isfinite(r["loss"]) for r in log)
-    assert all(p.isfinite().all() for p in model.parameters())
+    assert all(p.isfinite().all() for p in net.parameters())
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["skipped"] == 3
 
 
@@ -315,14 +315,14 @@ def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
-    model, opt = torch.nn.Linear(2, 2), None
+    net, opt = torch.nn.Linear(2, 2), None
     path = str(tmp_path / "ckpt.pt")
     with open(path, "wb") as f:
         f.write(b"the last good checkpoint")
     with torch.no_grad():
-        model.weight[0, 0] = float("inf")
+        net.weight[0, 0] = float("inf")
     with pytest.raises(SystemExit, match="non-finite weights"):
-        common.save_checkpoint(path, model, model, opt, 5, {}, 384, 0)
+        model.save_checkpoint(path, net, net, opt, 5, {}, 384, 0)
     assert open(path, "rb").read() == b"the last good checkpoint"
 
 
@@ -354,7 +354,7 @@ def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, capsys, monkeypat
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Several processes (torchrun, gloo on the CPU) and the speed figures
+# 5. Several processes (torchrun, gloo on the CPU)
 
 WRAPPER = """
 import os, sys, torch
@@ -380,26 +380,7 @@ def test_two_processes_with_gloo_hold_identical_weights_and_resume(tmp_path):
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 5 and all(torch.equal(ckpt["model"][k], w0[k]) for k in w0)
     torch.manual_seed(0)
-    fresh = common.build_model(ckpt["config"], ckpt["text_dim"]).state_dict()
+    fresh = model.build_model(ckpt["config"], ckpt["text_dim"]).state_dict()
     assert not all(torch.equal(fresh[k], w0[k]) for k in w0)  # it trained
     logged = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
     assert logged == [1, 2, 3, 4, 5]  # one log, written by rank 0 only
-
-
-@pytest.mark.slow
-def test_bench_prints_the_step_figures_and_sampling_speed_at_each_step_count():
-    """bench.py, at the CPU preset and a tiny size: the step lines the GPU check parses (the fake-score term off in
-    the middle of the run, on at its end), then images/s per step count, fewer steps faster."""
-    r = subprocess.run([sys.executable, "bench.py", "--preset", "cpu", "--batch-size", "4", "--res", "16",
-                        "--aux-start", "0.77"], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = r.stdout.splitlines()
-    lines = [line for line in out if line.startswith("bench: selfe | ")]
-    assert [line.split("|")[4].strip() for line in lines] == ["fake-score term off", "fake-score term on"]
-    for line in lines:
-        assert all(k in line for k in ("ms/step", "img/s", "peak mem", "cpu preset", "batch 4", "compile off"))
-    off, on = (float(line.split("|")[1].split()[0]) for line in lines)
-    assert 0 < off < on  # the fake prompt's pass with its gradient costs more
-    rates = {int(r.split("|")[1]): float(r.split("|")[2]) for r in out if r.startswith("| ") and
-             r.split("|")[1].strip().isdigit()}
-    assert list(rates) == [1, 2, 4, 8, 50] and rates[1] > rates[8] > rates[50] > 0

@@ -1,39 +1,163 @@
 """
 Train a Self-E text-to-image model from scratch.
 
-    python train.py                      # built-in shapes world; CPU preset without a GPU, GPU preset with one
-    python train.py --method fm          # the flow-matching baseline: same model, data and schedule
-    python train.py --data DIR           # your images: DIR/metadata.jsonl or a .txt caption beside each image
-    python train.py --out out --resume   # continue the run saved in out/ (after Ctrl-C, a crash, kill -9)
-    torchrun --nproc_per_node=8 train.py # DistributedDataParallel; --batch-size is the global batch
+    python train.py                       # the shapes world; the cpu preset, or gpu with CUDA
+    python train.py --method fm           # the flow-matching baseline: same model, data, schedule
+    python train.py --data DIR            # your images: DIR/metadata.jsonl or NAME.txt captions
+    python train.py --out out --resume    # continue the run in out/ (after Ctrl-C, a crash, kill)
+    torchrun --nproc_per_node=8 train.py  # DistributedDataParallel; --batch-size stays global
 
-Every key of the config and the presets (recipe.py) is a flag, underscores become hyphens. Everything a run writes
-goes to --out: ckpt.pt (model, EMA, optimiser, step, config; written atomically), log.jsonl,
-samples/step_NNNNNN.png, and eval/ (the ShapesEval table at the end). The randomness of step k (data, times, noise)
-is drawn from seeds (seed, rank, k), so a resumed run continues exactly where the checkpoint left it.
+Every key of CONFIG and PRESETS is a flag (underscores become hyphens). A run writes to --out:
+ckpt.pt (model, EMA, optimiser, step, config; written atomically), log.jsonl, samples/ and, on the
+shapes world, eval/ (the ShapesEval table at the end). The randomness of step k (data, times,
+noise) is seeded by (seed, process, k), so a resumed run continues exactly where it stopped.
 """
+import argparse
+import copy
 import json
 import os
+import resource
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from tqdm import tqdm
 
-import data
-import recipe
+import selfe
 import shapes
-from common import SAMPLERS, check_writable, eval_report, generate, read_checkpoint, run_cli, save_checkpoint, \
-    save_grid, shapes_eval, swap_accuracy
-from selfe import InputError
+from cli import InputError, Parser, check_writable, run_cli
+from model import MODELS, TextEncoder, build_model, load_weights, read_checkpoint, save_checkpoint
+from model import generate
 
-GRID_PROMPTS = ["a photo of a red circle", "a photo of a blue square", "a photo of a triangle and a circle",
-                "a photo of three squares", "a photo of a circle left of a square",
-                "a photo of a yellow triangle and a green square"]
+# -------------------------------------------------------------------------------------------------
+# Config: plain defaults, each with its help. None: the preset gives it.
+CONFIG = {
+    "out": ("out", "folder for everything the run writes"),
+    "data": ("shapes", "'shapes' (built in, infinite) or a folder of captioned images"),
+    "preset": ("auto", "cpu | gpu | gpu-long | auto (gpu when CUDA is there); README: minutes"),
+    "method": ("selfe", "selfe | fm (flow-matching baseline: s = t always, no self-evaluation)"),
+    "renorm": (True, "energy-preserving target, Eq. 19 (off: the paper's 'w/o target norm')"),
+    "aux_start": (None, "fraction of the run after which the fake-score term is on; 0 = from the "
+                        "start (ablation), 1 = never; preset: cpu 1, gpu the paper's 0.77"),
+    "tau_ramp": (0.4, "fraction of the run over which tau ramps 0 -> 1 (paper: 300k of 710k)"),
+    "p_equal": (0.5, "fraction of rows with s = t (paper)"),
+    "p_null": (0.1, "probability of the empty prompt (ours; the paper gives none)"),
+    "shift": (1.0, "time shift k for training and sampling; 1 suits small pixel resolutions"),
+    "ema_eval": (True, "EMA weights for the conditional self-evaluation (paper); "
+                       "--no-ema-eval: the online weights"),
+    "null_any_s": (True, "the empty prompt on any row (ours, measured); --no-null-any-s: only "
+                         "on s = t rows"),
+    "min_lr": (1e-5, "learning rate at the end of the linear decay (paper)"),
+    "ema": (0.9999, "EMA decay (paper), warmed up as min(ema, (1 + k) / (10 + k))"),
+    "clip": (1.0, "gradient clipping norm (ours)"),
+    "text_encoder": ("default", "Hugging Face id or folder; 'default': all-MiniLM-L6-v2, offline"),
+    "log_every": (25, "steps between progress updates and log.jsonl lines"),
+    "sample_every": (1000, "steps between sample grids (EMA weights; 2, 4, 8, 50 steps)"),
+    "eval_every": (500, "steps between ShapesEval scores (small set, 2 and 8 steps); 0 = off"),
+    "final_eval": ("medium", "ShapesEval set scored at 2, 4, 8 and 50 steps at the end: "
+                             "small | medium | full | off"),
+    "ckpt_every": (1000, "steps between checkpoints (and at the end, and on Ctrl-C / SIGTERM)"),
+    "seed": (0, "seed for weights, data and noise"),
+}
+DEFAULTS = {k: v for k, (v, _) in CONFIG.items()}
+PRESETS = {
+    # 2600 iterations: the most that fit about 15 minutes on 2 CPU cores with the table at the end;
+    # warm-up 100 (the paper: 1k of 710k); the fake-score term never on (measured: results/);
+    # workers 0: both cores are busy with the step
+    "cpu": dict(model="tiny", res=32, patch=4, text_len=16, batch_size=32, iters=2600, lr=1e-3,
+                warmup=100, aux_start=1.0, compile=False, bf16=False, workers=0),
+    # minutes on one GPU, sized by FLOPs; iterations and lr to be set by a measured run.
+    # workers: processes that render batches ahead of the GPU
+    "gpu": dict(model="small", res=32, patch=2, text_len=16, batch_size=256, iters=2000, lr=5e-4,
+                warmup=100, aux_start=0.77, compile=True, bf16=True, workers=12),
+    # hours: 64 px, room for longer captions, the paper's warm-up
+    "gpu-long": dict(model="small", res=64, patch=2, text_len=64, batch_size=256, iters=50000,
+                     lr=3e-4, warmup=1000, aux_start=0.77, compile=True, bf16=True, workers=12),
+}
+CHOICES = {"preset": ["auto", *PRESETS], "method": ["selfe", "fm"], "model": list(MODELS),
+           "final_eval": [*shapes.EVAL_SIZES, "off"]}
 MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop the run
+
+
+def config_parser():
+    """A flag for every key of CONFIG and the presets. None is the default of every flag, so that
+    the flags given win over a preset and over a resumed run's config."""
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for k, v in {**DEFAULTS, **PRESETS["cpu"]}.items():
+        flag, helptext = "--" + k.replace("_", "-"), CONFIG[k][1] if k in CONFIG else "(preset)"
+        if isinstance(v, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=helptext)
+        else:
+            p.add_argument(flag, type=type(v), choices=CHOICES.get(k), default=argparse.SUPPRESS,
+                           help=helptext)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    return p
+
+
+def finish_config(cfg, world, quiet=False):
+    """The preset fills in what neither a flag nor a resumed config gave; then the checks."""
+    if cfg["preset"] == "auto":
+        cfg["preset"] = "gpu" if torch.cuda.is_available() else "cpu"
+        if not quiet:
+            why = "CUDA found" if cfg["preset"] == "gpu" else "no GPU found"
+            print(f"preset: {cfg['preset']} ({why}; --preset to choose)")
+    cfg.update({k: v for k, v in PRESETS[cfg["preset"]].items() if cfg.get(k) is None})
+    checks = [
+        (cfg["res"] % cfg["patch"] == 0, f"--res {cfg['res']} is not a multiple of --patch "
+                                         f"{cfg['patch']}"),
+        (min(cfg["iters"], cfg["batch_size"], cfg["text_len"], cfg["res"]) >= 1,
+         "--iters, --batch-size, --text-len and --res must be at least 1"),
+        (cfg["batch_size"] % world == 0, f"--batch-size {cfg['batch_size']} (global) is not "
+                                         f"divisible by {world} processes"),
+        (cfg["lr"] > 0 and cfg["clip"] > 0, "--lr and --clip must be positive"),
+        (0 <= cfg["p_equal"] <= 1 and 0 <= cfg["p_null"] < 1,
+         "--p-equal must lie in [0, 1], --p-null in [0, 1)"),
+        (min(cfg["log_every"], cfg["ckpt_every"], cfg["sample_every"]) >= 1
+         and cfg["eval_every"] >= 0, "--log-every, --ckpt-every and --sample-every must be at "
+                                     "least 1, --eval-every at least 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+    return cfg
+
+
+def setup_device(cfg, world):
+    """-> this process's device; joins the process group when torchrun started several."""
+    cuda = cfg["preset"] != "cpu" and torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+def lr_at(step, cfg):
+    """Linear warm-up, then linear decay to min_lr (paper)."""
+    if step < cfg["warmup"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup"]
+    frac = (step - cfg["warmup"]) / max(1, cfg["iters"] - cfg["warmup"])
+    return cfg["lr"] + frac * (cfg["min_lr"] - cfg["lr"])
+
+
+def tau_at(step, cfg):
+    return min(1.0, step / max(1, cfg["tau_ramp"] * cfg["iters"]))
+
+
+def aux_on(step, cfg):
+    return cfg["method"] == "selfe" and step >= cfg["aux_start"] * cfg["iters"]
+
+
+# -------------------------------------------------------------------------------------------------
+# Training
 
 
 def main(argv=None):
@@ -49,110 +173,270 @@ def main(argv=None):
 
 def train(argv, interrupt):
     started = time.perf_counter()
-    p = recipe.config_parser(__doc__)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (its config, then your flags)")
-    given = vars(p.parse_args(argv))
+    given = vars(config_parser().parse_args(argv))
     resume = given.pop("resume")
-    cfg = {**recipe.DEFAULTS, **given}
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets them
-    ckpt_path = os.path.join(cfg["out"], "ckpt.pt")
-    ckpt = None
-    if resume:
-        ckpt = read_checkpoint(ckpt_path)
-        cfg = {**cfg, **ckpt["config"], **given}  # the run's own config, then the flags given now
-        if rank == 0:
-            print(f"resuming {ckpt_path} at step {ckpt['step']}")
-    elif os.path.exists(ckpt_path):
-        raise InputError(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
-    cfg = recipe.finish_config(cfg, world, quiet=rank > 0)
-    device = recipe.setup_device(cfg, world)
-    source = data.from_config(cfg, quiet=rank > 0)
-    run = recipe.Trainer(cfg, device, rank, world, ckpt, ckpt_path)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
+    ckpt_path = os.path.join(given.get("out", DEFAULTS["out"]), "ckpt.pt")
+    ckpt = read_checkpoint(ckpt_path) if resume else None
+    if ckpt and rank == 0:
+        print(f"resuming {ckpt_path} at step {ckpt['step']}")
+    if not resume and os.path.exists(ckpt_path):
+        raise InputError(f"{ckpt_path} exists: add --resume to continue that run, or choose "
+                         f"another --out")
+    cfg = finish_config({**DEFAULTS, **(ckpt["config"] if ckpt else {}), **given}, world, rank > 0)
+    device = setup_device(cfg, world)
+    data = shapes.TrainingData(cfg["res"]) if cfg["data"] == "shapes" else \
+        FolderData(cfg["data"], cfg["res"], quiet=rank > 0)
+
+    # The model, its moving average (sampled, evaluated, and the paper's conditional judge) and Adam
+    torch.manual_seed(cfg["seed"])
+    text = TextEncoder(cfg["text_encoder"], cfg["text_len"], device)
+    model = build_model(cfg, text.dim).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95), fused=True)
+    step = 0
+    if ckpt:
+        load_weights(model, ckpt["model"], ckpt_path)
+        load_weights(ema, ckpt["ema"], ckpt_path)
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+    net, judge = model, ema if cfg["ema_eval"] else None  # the online net and the judge
+    if cfg["compile"]:  # whole graphs (a graph break is an error), static shapes
+        net = torch.compile(model, fullgraph=True, dynamic=False)
+        judge = torch.compile(ema, fullgraph=True, dynamic=False) if cfg["ema_eval"] else None
+    if world > 1:  # the only buffer, pos, never changes
+        ids = None if device.index is None else [device.index]
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids,
+                                                        broadcast_buffers=False)
+    autocast = torch.autocast(device.type, torch.bfloat16) if cfg["bf16"] else nullcontext()
+    batch = cfg["batch_size"] // world  # per process
+    null = text([""] * batch)
     if rank == 0:  # only now that every input has been read: bad input leaves no folder behind
         check_writable(os.path.join(cfg["out"], "samples"))
-    if device.type == "cuda":  # on a CPU the encoder and the step share the cores: no GPU to keep busy
-        run.encode_ahead(source.captions)
-    step = ckpt["step"] if ckpt else 0
-    if rank == 0:
-        print(f"{cfg['method']} | model {cfg['model']} ({sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M "
-              f"params) | {cfg['res']}px patch {cfg['patch']} | batch {cfg['batch_size']} ({world} process(es)) | "
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"{cfg['method']} | model {cfg['model']} ({params:.2f}M params) | {cfg['res']}px "
+              f"patch {cfg['patch']} | batch {cfg['batch_size']} ({world} process(es)) | "
               f"{cfg['iters']} iters | {device}")
+    if device.type == "cuda":  # a caption met mid-run would keep the GPU waiting for the encoder
+        encode_ahead(text, data.captions, with_fake=aux_on(cfg["iters"] - 1, cfg))
+
     log = open_log(os.path.join(cfg["out"], "log.jsonl")) if rank == 0 else None
-    loader = data.batches(data.Batches(source, run.batch, cfg["seed"], rank), range(step, cfg["iters"]),
-                          cfg["workers"], pin=device.type == "cuda")
+    batches = loader(Batches(data, batch, cfg["seed"], rank), range(step, cfg["iters"]),
+                     cfg["workers"], pin=device.type == "cuda")
     bar = tqdm(total=cfg["iters"], initial=step, desc="train", dynamic_ncols=True, disable=rank > 0)
     tally, clock = Tally(device, ckpt["skipped"] if ckpt else 0), Clock(device)
-    # the steps where torch.compile builds new graphs: the first of this process and the first with the fake-score
-    # term (new batch sizes and grad modes for the network). Their time is compilation, kept out of the speed.
-    builds = {step, next((k for k in range(step, cfg["iters"]) if recipe.aux_on(k, cfg)), None)}
-    for x0, captions in loader:
+    # the steps where torch.compile builds graphs: the first of this process and the first with
+    # the fake-score term. Their time is compilation, kept out of the speed figures.
+    builds = {step, next((k for k in range(step, cfg["iters"]) if aux_on(k, cfg)), None)}
+    for x0, captions in batches:
+        # One optimiser step: batch -> loss -> backward -> clip -> Adam -> EMA, no host sync.
         with clock.off(step in builds):
-            loss, grad_norm, bad, stats = run.step(step, x0, captions)
+            x0, cond = x0.to(device, non_blocking=True), text(captions)
+            fake = text(fake_prompts(captions)) if aux_on(step, cfg) else None
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            torch.manual_seed(step_seed(cfg["seed"], rank, step))  # this step's times and noise
+            with autocast:
+                loss, stats = selfe.selfe_loss(
+                    net, x0, cond, null, fake, fm=cfg["method"] == "fm", tau=tau_at(step, cfg),
+                    p_equal=cfg["p_equal"], p_null=cfg["p_null"], shift=cfg["shift"],
+                    renorm=cfg["renorm"], eval_net=judge, null_any_s=cfg["null_any_s"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
+            bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float()
+            if world > 1:  # a fault on one process skips the step on all of them
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            opt.found_inf = bad  # fused Adam reads it on the device: where 1, nothing changes
+            opt.step()
+            decay = min(cfg["ema"], (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         clock.steps += step not in builds
-        tally.add(loss, bad, stats["frac_self"])
+        tally.add(loss.detach(), bad, stats["frac_self"])
         step += 1
         bar.update(1)
         last = step == cfg["iters"]
 
+        # Everything else: the log, checkpoints, grids, evaluations, Ctrl-C
         if step % cfg["log_every"] == 0 or last:
             if tally.worst.item() >= MAX_BAD_STEPS:
-                raise SystemExit(f"error: {int(tally.worst.item())} steps in a row had a non-finite loss or gradient "
-                                 f"(by step {step}); stopped. {ckpt_path} holds the last good weights: --resume "
-                                 f"with a lower --lr or --clip")
+                raise SystemExit(f"error: {int(tally.worst.item())} steps in a row had a "
+                                 f"non-finite loss or gradient (by step {step}); stopped. "
+                                 f"{ckpt_path} holds the last good weights: --resume with a lower "
+                                 f"--lr or --clip")
             seconds, timed = clock.lap()
-            fig = recipe.speed(seconds, timed, run.flops(step - 1), cfg["batch_size"], device) if timed else {}
-            rec = {"step": step, **tally.read(), "grad_norm": grad_norm.item(), "aux": float(stats["aux"]),
-                   "lr": recipe.lr_at(step - 1, cfg), "tau": recipe.tau_at(step - 1, cfg), **fig, "time": time.time()}
+            flops = step_flops(model, cfg["text_len"], batch, stats["judged"], fake is not None)
+            fig = speed(seconds, timed, flops, cfg["batch_size"], device) if timed else {}
+            rec = {"step": step, **tally.read(), "grad_norm": grad_norm.item(),
+                   "aux": float(stats["aux"]), "lr": lr_at(step - 1, cfg),
+                   "tau": tau_at(step - 1, cfg), **fig, "time": time.time()}
             if rank == 0:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                shown = float("nan") if rec["loss"] is None else rec["loss"]
-                bar.set_postfix(loss=f"{shown:.4f}", img_s=f"{rec.get('img_per_s', float('nan')):.0f}",
-                                tau=f"{rec['tau']:.2f}")
-        # one process alone checks every step; several agree at log steps only (a check costs a sync)
-        stop = interrupt.requested if world == 1 else (step % cfg["log_every"] == 0
-                                                        and agree(interrupt.requested, device))
+                bar.set_postfix(progress_figures(rec))
+        # one process checks every step; several agree at log steps only (a check costs a sync)
+        stop = interrupt.requested if world == 1 else (
+            step % cfg["log_every"] == 0 and agree(interrupt.requested, device))
         save = rank == 0 and (step % cfg["ckpt_every"] == 0 or last or stop)
         grid = rank == 0 and (step % cfg["sample_every"] == 0 or last)
-        score = rank == 0 and cfg["data"] == "shapes" and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or last)
-        with clock.off(save or grid or score):  # checkpoints, grids and evaluations are not training time
+        score = rank == 0 and cfg["data"] == "shapes" and cfg["eval_every"] > 0 and (
+            step % cfg["eval_every"] == 0 or last)
+        with clock.off(save or grid or score):  # none of them is training time
             if save:
-                save_checkpoint(ckpt_path, run.model, run.ema, run.opt, step, cfg, run.text.dim,
+                save_checkpoint(ckpt_path, model, ema, opt, step, cfg, text.dim,
                                 int(tally.skipped.item()))
             if stop:
                 bar.close()
                 if rank == 0:
-                    print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume --out {cfg['out']}")
-                return run.model
+                    print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume "
+                          f"--out {cfg['out']}")
+                return model
             if grid:
-                write_grid(run, source, step)
+                write_grid(ema, text, data, cfg, step)
             if score:
-                write_eval(run, step, log)
+                write_eval(ema, text, cfg, step, log)
     bar.close()
-    interrupt.at_once = True  # the run is saved: from here Ctrl-C or SIGTERM stops the process at once
+    interrupt.at_once = True  # the run is saved: from here Ctrl-C or SIGTERM stops at once
     if interrupt.requested:  # one came during the last grid or evaluation
         raise KeyboardInterrupt
     if rank == 0 and cfg["data"] == "shapes" and cfg["final_eval"] != "off":
-        final_eval(run, step, log)
+        final_eval(ema, text, cfg, step, log)
     if rank == 0:
         print(f"done in {minutes(time.perf_counter() - started)}: {ckpt_path}, samples in "
               f"{os.path.join(cfg['out'], 'samples')}")
-    return run.model
+    return model
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# What the loop calls
+def fake_prompts(captions):
+    return [c + " fake image" for c in captions]  # the appendix's prompt for the model's samples
+
+
+def encode_ahead(text, captions, with_fake):
+    """Encode every caption a run can meet (and its fake prompt, when that term comes on), unless
+    there are more than the cache holds: those are encoded as they come."""
+    captions = list(dict.fromkeys(captions))
+    captions += fake_prompts(captions) if with_fake else []
+    if len(captions) < text.cache_size:
+        text(captions)
+
+
+# -------------------------------------------------------------------------------------------------
+# Your images: a folder of captioned images
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def load_image(path, res):
+    """Any image PIL reads -> RGB uint8 (res, res, 3), centre-cropped to a square and resized.
+    Grayscale, palette, 16-bit and tiny images are converted; transparent pixels become white."""
+    img = Image.open(path)
+    img.load()  # decode now, so that a truncated file fails here
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: PIL's conversion clips it
+        pixels = np.asarray(img, dtype=np.float64) / 257
+        img = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    img = img.convert("RGB")
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    return np.asarray(img.resize((res, res), Image.BICUBIC))
+
+
+def read_captions(root):
+    """{file name: caption} from root/metadata.jsonl (Hugging Face imagefolder) or NAME.txt."""
+    meta = os.path.join(root, "metadata.jsonl")
+    caps = {}
+    if os.path.exists(meta):
+        with open(meta) as f:
+            for i, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line) if line.strip() else None
+                    if row is not None:
+                        caps[row["file_name"]] = row["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise InputError(f"{meta}, line {i}: need a JSON object with 'file_name' and "
+                                     f"'text'") from None
+        return caps
+    for name in sorted(os.listdir(root)):
+        txt = os.path.join(root, os.path.splitext(name)[0] + ".txt")
+        if name.lower().endswith(IMAGE_EXTS) and os.path.exists(txt):
+            with open(txt, errors="replace") as f:
+                caps[name] = f.read().strip()
+    return caps
+
+
+class FolderData:
+    """A folder of captioned images, loaded once into memory at the training resolution. Images
+    without a caption and files that do not decode are skipped and counted; none left: an error."""
+
+    def __init__(self, root, res, quiet=False):
+        if not os.path.isdir(root):
+            raise InputError(f"--data {root}: no such folder (use 'shapes' for the built-in data)")
+        files = sorted(n for n in os.listdir(root) if n.lower().endswith(IMAGE_EXTS))
+        if not files:
+            raise InputError(f"--data {root}: no images in it ({', '.join(IMAGE_EXTS)})")
+        caps = read_captions(root)
+        images, self.captions, broken = [], [], []
+        uncaptioned = [n for n in files if not caps.get(n)]
+        for name in tqdm([n for n in files if caps.get(n)], desc="images", disable=quiet):
+            try:
+                images.append(load_image(os.path.join(root, name), res))
+                self.captions.append(caps[name])
+            except Exception:  # PIL raises OSError, ValueError, SyntaxError, ... for damaged files
+                broken.append(name)
+        skipped = f"{len(uncaptioned)} without a caption, {len(broken)} unreadable" + (
+            f" (e.g. {(uncaptioned + broken)[0]})" if uncaptioned or broken else "")
+        if not images:
+            raise InputError(f"--data {root}: no usable images: {skipped}; captions go in "
+                             f"metadata.jsonl or NAME.txt beside NAME.png")
+        if not quiet:
+            print(f"data: {len(images)} images from {root}; skipped {skipped}")
+        self.images = np.stack(images)  # (N, res, res, 3) uint8
+
+    def batch(self, n, rng):
+        idx = rng.integers(len(self.images), size=n)
+        return shapes.to_model(self.images[idx]), [self.captions[i] for i in idx]
+
+
+def step_seed(seed, rank, step):
+    """One seed per (run seed, process, step): no step's randomness depends on earlier steps."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+class Batches(torch.utils.data.Dataset):
+    """Item k is the batch of step k, so DataLoader workers may render ahead in any order."""
+
+    def __init__(self, data, batch_size, seed, rank):
+        self.data, self.batch_size, self.seed, self.rank = data, batch_size, seed, rank
+
+    def __getitem__(self, step):
+        rng = np.random.default_rng(step_seed(self.seed, self.rank, step))
+        return self.data.batch(self.batch_size, rng)
+
+
+def loader(batches, steps, workers, pin):
+    """The batches of these steps, in order; workers > 0 render them ahead in other processes."""
+    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=steps, num_workers=workers,
+                                       pin_memory=pin, prefetch_factor=4 if workers else None)
+
+
+# -------------------------------------------------------------------------------------------------
+# What the loop calls: running figures, the clock, speed, grids, evaluations, the log, signals
 
 
 class Tally:
-    """Running figures of the steps since the last log line, kept on the device: reading one costs a host sync,
-    so the loop reads them every log_every steps only. skipped: the non-finite steps of the whole run, resumes
-    included; worst: the longest run of them in a row."""
+    """Running figures of the steps since the last log line, kept on the device (reading one costs
+    a host sync). skipped: the non-finite steps of the whole run; worst: the longest run of them."""
 
     def __init__(self, device, skipped):
         zero = torch.zeros((), device=device)
         self.skipped = zero + skipped
-        self.streak, self.worst, self.bad, self.loss, self.frac_self = (zero.clone() for _ in range(5))
+        self.streak, self.worst, self.bad = zero.clone(), zero.clone(), zero.clone()
+        self.loss, self.frac_self = zero.clone(), zero.clone()
         self.steps = 0
 
     def add(self, loss, bad, frac_self):
@@ -165,11 +449,11 @@ class Tally:
         self.steps += 1
 
     def read(self):
-        """-> the window's mean loss (over its good steps), fraction of s < t rows and the skipped steps so far;
-        then starts a new window."""
+        """-> the mean loss of the window's good steps, its share of s < t rows and the skipped
+        steps so far; then a new window starts."""
         good = self.steps - self.bad.item()
-        rec = {"loss": self.loss.item() / good if good else None, "frac_self": self.frac_self.item() / self.steps,
-               "skipped": int(self.skipped.item())}
+        rec = {"loss": self.loss.item() / good if good else None,
+               "frac_self": self.frac_self.item() / self.steps, "skipped": int(self.skipped.item())}
         for acc in (self.bad, self.loss, self.frac_self):
             acc.zero_()
         self.steps = 0
@@ -177,8 +461,8 @@ class Tally:
 
 
 class Clock:
-    """Training time: a stopwatch that the loop stops (off) for compilation, checkpoints, grids and evaluations.
-    It waits for the device where it starts or stops, so that queued GPU work lands on the right side."""
+    """Training time: a stopwatch the loop stops (off) for compilation, checkpoints, grids and
+    evaluations. It waits for the device where it stops or starts: queued GPU work counts right."""
 
     def __init__(self, device):
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -206,46 +490,101 @@ class Clock:
         return out
 
 
-def write_grid(run, source, step):
-    prompts = GRID_PROMPTS if run.cfg["data"] == "shapes" else list(dict.fromkeys(source.captions))[:6]
-    images = generate(run.ema, run.text, prompts, [2, 4, 8, 50], seed=0, shift=run.cfg["shift"],
-                      **SAMPLERS[run.cfg["method"]])
-    save_grid(images, prompts, os.path.join(run.cfg["out"], "samples", f"step_{step:06d}.png"))
+def step_flops(model, text_len, batch, judged, fake):
+    """FLOPs of a step on one process: the pass with gradient (forward + backward = 3 forwards) on
+    every row, two no-grad evaluations on the judged rows, the fake-score pass (grad) when on."""
+    return model.flops(text_len) * (3 * batch + 2 * judged + (3 * judged if fake else 0))
 
 
-def write_eval(run, step, log):
-    """ShapesEval small at 2 and 8 steps into log.jsonl, so a user can watch the few-step score rise, and beside it
-    how well the model's own classifier tells prompts apart (swap_accuracy)."""
-    results, _, _ = shapes_eval(run.ema, run.text, [2, 8], "small", progress=False, shift=run.cfg["shift"],
-                                **SAMPLERS[run.cfg["method"]])
+# Dense bf16 peaks (datasheets), for MFU. The first key the device name contains wins.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
+             ("H200", 989e12), ("A100", 312e12))
+
+
+def peak_flops(name):
+    """-> the bf16 peak of a GPU by its name, None for one we do not know."""
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+def speed(seconds, steps, flops, batch, device):
+    """-> {ms_per_step, img_per_s, mfu (known GPUs), peak_mem_gb}. flops: of one process's step
+    (MFU is per GPU); batch: images per step, all processes."""
+    out = {"ms_per_step": 1000 * seconds / steps, "img_per_s": batch * steps / seconds}
+    if device.type == "cuda":
+        peak = peak_flops(torch.cuda.get_device_name(device))
+        if peak:
+            out["mfu"] = flops * steps / seconds / peak
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    else:  # the process's peak resident memory (Linux reports kB)
+        out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return out
+
+
+def progress_figures(rec):
+    loss = float("nan") if rec["loss"] is None else rec["loss"]
+    out = {"loss": f"{loss:.4f}", "img_s": f"{rec.get('img_per_s', float('nan')):.0f}",
+           "tau": f"{rec['tau']:.2f}"}
+    if "mfu" in rec:
+        out["mfu"] = f"{100 * rec['mfu']:.1f}%"
+    return out
+
+
+GRID_PROMPTS = ["a photo of a red circle", "a photo of a blue square",
+                "a photo of a triangle and a circle", "a photo of three squares",
+                "a photo of a circle left of a square",
+                "a photo of a yellow triangle and a green square"]
+
+
+def sampler_of(cfg):
+    return {**selfe.SAMPLERS[cfg["method"]], "shift": cfg["shift"]}
+
+
+def drawer(ema, text, cfg, steps_list):
+    """-> draw(prompts, seed): ShapesEval's view of the model."""
+    return lambda prompts, seed: generate(ema, text, prompts, steps_list, seed, **sampler_of(cfg))
+
+
+def write_grid(ema, text, data, cfg, step):
+    prompts = GRID_PROMPTS if cfg["data"] == "shapes" else list(dict.fromkeys(data.captions))[:6]
+    images = generate(ema, text, prompts, [2, 4, 8, 50], seed=0, **sampler_of(cfg))
+    shapes.save_grid(images, prompts, os.path.join(cfg["out"], "samples", f"step_{step:06d}.png"))
+
+
+def write_eval(ema, text, cfg, step, log):
+    """ShapesEval small at 2 and 8 steps into log.jsonl, so a user can watch the few-step score
+    rise, and beside it how well the model's own classifier tells prompts apart."""
+    results, _, _ = shapes.evaluate(drawer(ema, text, cfg, [2, 8]), ema.res,
+                                    shapes.EVAL_SIZES["small"], progress=False)
     scores = {k: round(r["overall"], 4) for k, r in results.items()}
     fd = {k: round(r["fd"], 3) for k, r in results.items()}
-    swaps = {k: round(v, 4) for k, v in swap_accuracy(run.ema, run.text).items()}
-    log.write(json.dumps({"step": step, "eval_overall": scores, "eval_fd": fd, "swap_accuracy": swaps}) + "\n")
+    swaps = {k: round(v, 4) for k, v in shapes.swap_accuracy(ema, text).items()}
+    log.write(json.dumps({"step": step, "eval_overall": scores, "eval_fd": fd,
+                          "swap_accuracy": swaps}) + "\n")
     tqdm.write(f"step {step}: ShapesEval overall (scene distance) "
                + ", ".join(f"{scores[k]:.3f} ({fd[k]:.2f}) at {k} steps" for k in scores)
                + "; swap accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in swaps.items()))
 
 
-def final_eval(run, step, log):
-    """The paper's table in miniature: ShapesEval of the EMA weights at 2, 4, 8 and 50 steps, printed and kept."""
-    cfg, t0, out = run.cfg, time.perf_counter(), os.path.join(run.cfg["out"], "eval")
+def final_eval(ema, text, cfg, step, log):
+    """The paper's table in miniature: ShapesEval of the EMA weights at 2, 4, 8 and 50 steps."""
+    t0, out, size = time.perf_counter(), os.path.join(cfg["out"], "eval"), cfg["final_eval"]
     os.makedirs(out, exist_ok=True)
-    results = eval_report(run.ema, run.text, [2, 4, 8, 50], cfg["final_eval"], out,
-                          {"ckpt": os.path.join(cfg["out"], "ckpt.pt"), "step": step, "method": cfg["method"]},
-                          **SAMPLERS[cfg["method"]], shift=cfg["shift"])
-    log.write(json.dumps({"step": step, "final_eval": cfg["final_eval"], "seconds": round(time.perf_counter() - t0, 1),
+    info = {"ckpt": os.path.join(cfg["out"], "ckpt.pt"), "step": step, "method": cfg["method"],
+            "sampler": sampler_of(cfg)}
+    results = shapes.report(drawer(ema, text, cfg, [2, 4, 8, 50]), ema.res, size, out, info)
+    log.write(json.dumps({"step": step, "final_eval": size,
+                          "seconds": round(time.perf_counter() - t0, 1),
                           "final_overall": {k: round(r["overall"], 4) for k, r in results.items()},
                           "final_fd": {k: round(r["fd"], 3) for k, r in results.items()}}) + "\n")
     log.flush()
-    print(f"\nShapesEval {cfg['final_eval']} ({shapes.eval_images(cfg['final_eval'])} images per step count), "
-          f"{cfg['method']}, EMA weights at step {step} ({minutes(time.perf_counter() - t0)}; {out}/results.json, "
-          f"grid.png):")
+    print(f"\nShapesEval {size} ({shapes.eval_images(size)} images per step count), "
+          f"{cfg['method']}, EMA weights at step {step} ({minutes(time.perf_counter() - t0)}; "
+          f"{out}/results.json, grid.png):")
     print(shapes.markdown_table({f"{k} steps": r for k, r in results.items()}, "steps"))
 
 
 def open_log(path):
-    """log.jsonl for appending. A kill -9 may have cut its last line short: go on from a fresh line."""
+    """log.jsonl for appending. A kill -9 may have cut its last line short: go on on a new line."""
     cut = False
     if os.path.exists(path) and os.path.getsize(path):
         with open(path, "rb") as f:
@@ -265,13 +604,14 @@ def agree(flag, device):
 
 
 class Interrupt:
-    """Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a second Ctrl-C stops at once, and
-    so does the first once at_once is set (after the last step: the final evaluation). Stopping at once raises
-    KeyboardInterrupt. restore() puts the previous handlers back (for notebooks and tests that call main())."""
+    """Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a second one stops
+    at once, and so does the first once at_once is set (the final evaluation). Stopping at once
+    raises KeyboardInterrupt. restore() puts the previous handlers back (notebooks, tests)."""
 
     def __init__(self):
         self.requested, self.at_once = False, False
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self.handle)
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
         if self.at_once or self.requested:
