@@ -1,4 +1,4 @@
-"""
+r"""
 The in-training ShapesEval score over iterations or training minutes, several runs on one chart (the
 paper's Fig. 5 in miniature).
 

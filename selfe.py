@@ -72,20 +72,24 @@ def energy_renorm(x0, x_self, lam):
     return y * bcast(norm(x0) / (norm(y) + 1e-8), y)
 
 
-def selfe_loss(net, x0, cond, null, fake=None, *, fm=False, tau=1.0, p_equal=0.5, p_null=0.1,
-               shift=1.0, renorm=True, eval_net=None, null_any_s=True):
+def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, fm=False, tau=1.0, p_equal=0.5,
+               p_null=0.1, shift=1.0, renorm=True, eval_net=None, null_any_s=True):
     """One training step's loss (Sec. 3, Eqs. 1-21) -> (loss, stats).
-    x0 (B, ...) data; cond, null, fake: conditions of the prompts, the empty prompt and the fake
-    prompt "<prompt> fake image" (None: the fake-score term is off). fm: the flow-matching baseline
-    (s = t on every row). eval_net: the weights of the conditional evaluation (the paper: EMA)."""
+    x0 (B, ...) data; cond, null: conditions of the prompts and of the empty prompt; fake,
+    null_fake: of the fake prompts "<prompt> fake image" and "fake image" (None: the fake-score term
+    is off). fm: the flow-matching baseline (s = t on every row). eval_net: the weights of the
+    conditional evaluation (the paper: EMA)."""
     B, dev = x0.shape[0], x0.device
-    m = 0 if fm else round((1 - p_equal) * (1 - p_null) * B)  # rows [0, m) jump; the rest s = t
+    m = 0 if fm else round((1 - p_equal) * B)  # rows [0, m) jump (s < t); the rest have s = t
     u = torch.rand(B, device=dev)  # the empty prompt on a row, for guidance (ours: rate and rows)
     if null_any_s:
         drop = u < p_null
     else:  # on s = t rows only, at the rate that keeps p_null overall
         drop = (torch.arange(B, device=dev) >= m) & (u < p_null * B / max(1, B - m))
-    cond = each(lambda c, n: torch.where(bcast(drop, c), n, c), cond, null)
+    dropped = lambda a, b: each(lambda x, y: torch.where(bcast(drop, x), y, x), a, b)  # noqa: E731
+    cond = dropped(cond, null)
+    if fake is not None:  # a row without its prompt has no prompt in its fake prompt either
+        fake = dropped(fake, null_fake)
     t, s = sample_times(B, tau, m, shift, dev)
     x_t = add_noise(x0, t, torch.randn_like(x0))  # Eq. 1
     x0_hat = G(net, x_t, t, s, cond)  # Eq. 6: the one pass with gradient, (B, ...)

@@ -1,7 +1,8 @@
-"""Fault injection: bad input, interruptions, kill -9, non-finite steps, unsafe checkpoints, several processes.
+"""Fault injection: bad input, interruptions, kill -9, non-finite steps, unsafe checkpoints, several
+processes.
 
-Each test fails if the behaviour it names regresses. The CLI contract for bad input: one line on stderr that starts
-with "error:", exit code 2, no traceback.
+Each test fails if the behaviour it names regresses. The CLI contract for bad input: one line on
+stderr that starts with "error:", exit code 2, no traceback.
 """
 import json
 import os
@@ -27,8 +28,9 @@ import train  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 # A short run whose steps are fast; the fake-score term switches on and the tau ramp ends inside it
-RUN = ["--preset", "cpu", "--iters", "120", "--batch-size", "4", "--res", "16", "--aux-start", "0.5",
-       "--log-every", "1", "--eval-every", "0", "--sample-every", "100000", "--final-eval", "off"]
+RUN = ["--preset", "cpu", "--iters", "120", "--batch-size", "4", "--res", "16",
+       "--aux-start", "0.5", "--log-every", "1", "--eval-every", "0", "--sample-every", "100000",
+       "--final-eval", "off"]
 
 
 def expect_input_error(main, argv, capsys, monkeypatch):
@@ -44,12 +46,13 @@ def expect_input_error(main, argv, capsys, monkeypatch):
 
 def write_ckpt_run(tmp_path):
     out = str(tmp_path / "good")
-    train.main(["--out", out, *RUN[:2], "--iters", "2", "--batch-size", "2", "--res", "16", "--log-every", "1",
-                "--eval-every", "0", "--sample-every", "100", "--final-eval", "off"])
+    train.main(["--out", out, *RUN[:2], "--iters", "2", "--batch-size", "2", "--res", "16",
+                "--log-every", "1", "--eval-every", "0", "--sample-every", "100",
+                "--final-eval", "off"])
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 1. Bad input: one clear line, exit code 2
 
 
@@ -62,9 +65,9 @@ def image_folder(root, names, caption=True):
     return str(root)
 
 
-@pytest.mark.parametrize("case", ["no_folder", "no_images", "no_captions", "all_broken", "res_patch", "preset",
-                                  "method", "iters", "text_encoder", "resume_missing", "exists_no_resume",
-                                  "out_unwritable"])
+@pytest.mark.parametrize("case", ["no_folder", "no_images", "no_captions", "all_broken",
+                                  "res_patch", "preset", "method", "iters", "text_encoder",
+                                  "resume_missing", "exists_no_resume", "out_unwritable"])
 def test_train_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "out")
     broken = tmp_path / "broken"
@@ -81,8 +84,8 @@ def test_train_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys, monkeypa
     argv, expected = {
         "no_folder": (["--data", str(tmp_path / "nope")], "no such folder"),
         "no_images": (["--data", str(tmp_path)], "no images"),
-        "no_captions": (["--data", image_folder(tmp_path / "nocap", ["a.png", "b.jpg"], caption=False)],
-                        "2 without a caption"),
+        "no_captions": (["--data", image_folder(tmp_path / "nocap", ["a.png", "b.jpg"],
+                                                caption=False)], "2 without a caption"),
         "all_broken": (["--data", str(broken)], "2 unreadable"),
         "res_patch": (["--res", "30", "--patch", "4"], "not a multiple of --patch"),
         "preset": (["--preset", "tpu"], "invalid choice: 'tpu'"),
@@ -93,9 +96,11 @@ def test_train_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys, monkeypa
         "exists_no_resume": ([], "add --resume"),
         "out_unwritable": (["--out", str(tmp_path / "file" / "run")], "cannot write"),
     }[case]
-    argv = ["--out", out, "--preset", "cpu", *argv] if "--out" not in argv else ["--preset", "cpu", *argv]
+    argv = (["--out", out, "--preset", "cpu", *argv] if "--out" not in argv
+            else ["--preset", "cpu", *argv])
     assert expected in expect_input_error(train.main, argv, capsys, monkeypatch)
-    assert case == "exists_no_resume" or not os.path.exists(out)  # bad input leaves no folder behind
+    # bad input leaves no folder behind
+    assert case == "exists_no_resume" or not os.path.exists(out)
 
 
 @pytest.mark.slow
@@ -106,42 +111,51 @@ def test_checkpoint_errors_for_train_and_sample(tmp_path, capsys, monkeypatch):
     text_file.write_text("not a checkpoint")
     truncated.parent.mkdir()
     truncated.write_bytes(open(ckpt, "rb").read()[:100_000])
-    for path, expected in [(str(tmp_path / "none.pt"), "does not exist"), (str(text_file), "not a readable"),
-                           (str(truncated), "not a readable")]:
-        assert expected in expect_input_error(sample.main, ["--ckpt", path, "--prompt", "x", "--out",
-                                                            str(tmp_path / "s")], capsys, monkeypatch)
+    for path, expected in [(str(tmp_path / "none.pt"), "does not exist"),
+                           (str(text_file), "not a readable"), (str(truncated), "not a readable")]:
+        assert expected in expect_input_error(
+            sample.main, ["--ckpt", path, "--prompt", "x", "--out", str(tmp_path / "s")],
+            capsys, monkeypatch)
         assert not os.path.exists(tmp_path / "s")  # bad input leaves no folder behind
     (tmp_path / "file").write_text("x")
-    assert "cannot write" in expect_input_error(sample.main, ["--ckpt", ckpt, "--prompt", "x", "--out",
-                                                              str(tmp_path / "file" / "out")], capsys, monkeypatch)
-    assert "not a readable" in expect_input_error(train.main, ["--out", str(truncated.parent), "--resume"],
-                                                  capsys, monkeypatch)
-    assert "another shape" in expect_input_error(train.main, ["--out", good, "--resume", "--model", "small"],
-                                                 capsys, monkeypatch)
+    assert "cannot write" in expect_input_error(
+        sample.main, ["--ckpt", ckpt, "--prompt", "x", "--out", str(tmp_path / "file" / "out")],
+        capsys, monkeypatch)
+    assert "not a readable" in expect_input_error(
+        train.main, ["--out", str(truncated.parent), "--resume"], capsys, monkeypatch)
+    assert "another shape" in expect_input_error(
+        train.main, ["--out", good, "--resume", "--model", "small"], capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("argv,expected", [
-    (["--steps", "0"], "at least 1"), (["--steps", "2,x"], "whole numbers"), (["--cfg", "-1"], ">= 0"),
-    (["--eta", "2"], "[0, 1]"), ([], "give at least one --prompt"), (["--s-k", "half"], "--s-k"),
+    (["--steps", "0"], "at least 1"), (["--steps", "2,x"], "whole numbers"),
+    (["--cfg", "-1"], ">= 0"), (["--eta", "2"], "[0, 1]"), ([], "give at least one --prompt"),
+    (["--s-k", "half"], "--s-k"),
 ])
 def test_sample_bad_input_is_one_line_and_exit_2(argv, expected, tmp_path, capsys, monkeypatch):
-    argv = ["--ckpt", "unused.pt", "--out", str(tmp_path / "s"), *argv, *(["--prompt", "x"] if argv else [])]
+    argv = ["--ckpt", "unused.pt", "--out", str(tmp_path / "s"), *argv,
+            *(["--prompt", "x"] if argv else [])]
     assert expected in expect_input_error(sample.main, argv, capsys, monkeypatch)
     assert not os.path.exists(tmp_path / "s")
 
 
 def test_the_real_command_line_prints_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope"),
+                        "--out", str(tmp_path / "o")],
                        cwd=HERE, capture_output=True, text=True, env=ENV, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: --data")
+    assert (r.returncode == 2 and r.stderr.strip().count("\n") == 0
+            and r.stderr.startswith("error: --data"))
 
 
 def test_odd_images_are_converted_and_bad_files_skipped_and_counted(tmp_path, capsys):
     root = tmp_path / "odd"
     root.mkdir()
-    imgs = {"gray.png": Image.new("L", (30, 50), 200), "pal.png": Image.new("RGB", (24, 24), "blue").convert("P"),
-            "rgba.png": Image.new("RGBA", (20, 20), (0, 0, 255, 0)), "tiny.png": Image.new("RGB", (1, 1), "red"),
-            "deep.png": Image.fromarray(np.full((16, 16), 32896, np.uint16)), "wide.jpg": Image.new("RGB", (90, 10))}
+    imgs = {"gray.png": Image.new("L", (30, 50), 200),
+            "pal.png": Image.new("RGB", (24, 24), "blue").convert("P"),
+            "rgba.png": Image.new("RGBA", (20, 20), (0, 0, 255, 0)),
+            "tiny.png": Image.new("RGB", (1, 1), "red"),
+            "deep.png": Image.fromarray(np.full((16, 16), 32896, np.uint16)),
+            "wide.jpg": Image.new("RGB", (90, 10))}
     for name, img in imgs.items():
         img.save(root / name)
         (root / name).with_suffix(".txt").write_text(f"a photo of {name}")
@@ -152,7 +166,8 @@ def test_odd_images_are_converted_and_bad_files_skipped_and_counted(tmp_path, ca
     assert "6 images" in capsys.readouterr().out and len(folder.images) == 6
     assert folder.images.shape == (6, 8, 8, 3) and folder.images.dtype == np.uint8
     by_name = dict(zip(sorted(n for n in imgs), folder.images))
-    assert np.all(by_name["deep.png"] == 128)  # 16-bit mid-grey stays mid-grey, not clipped to white
+    # 16-bit mid-grey stays mid-grey, not clipped to white
+    assert np.all(by_name["deep.png"] == 128)
     assert np.all(by_name["rgba.png"] == 255)  # fully transparent -> white
     assert np.all(by_name["tiny.png"] == [255, 0, 0]) and np.all(by_name["gray.png"] == 200)
     assert np.all(by_name["pal.png"] == [0, 0, 255])
@@ -165,21 +180,21 @@ def test_folder_report_and_a_bad_metadata_line(tmp_path, capsys):
     image_folder(root, ["a.png", "b.png"])
     Image.new("RGB", (8, 8)).save(root / "c.png")  # no caption
     train.FolderData(str(root), 8)
-    assert f"data: 2 images from {root}; skipped 1 without a caption, 0 unreadable (e.g. c.png)" in \
-        capsys.readouterr().out
+    assert (f"data: 2 images from {root}; skipped 1 without a caption, 0 unreadable (e.g. c.png)"
+            in capsys.readouterr().out)
     with open(root / "metadata.jsonl", "w") as f:
         f.write('{"file_name": "a.png", "text": "a photo"}\nnot json\n')
     with pytest.raises(cli.InputError, match="line 2"):
         train.FolderData(str(root), 8)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 2. Interruptions and exact resume
 
 
 def start(out, *extra):
-    return subprocess.Popen([sys.executable, "train.py", "--out", out, *RUN, *extra], cwd=HERE, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "train.py", "--out", out, *RUN, *extra], cwd=HERE,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def last_step(out):
@@ -229,7 +244,8 @@ def test_ctrl_c_and_sigterm_save_and_resume_is_bit_exact(reference, tmp_path):
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0 and "interrupted at step" in stdout, stderr[-2000:]
         steps.append(torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"])
-    assert 15 <= steps[0] < steps[1] < 120  # each run was stopped part-way, and the second went on from the first
+    # each run was stopped part-way, and the second went on from the first
+    assert 15 <= steps[0] < steps[1] < 120
     done = finish(out, "--resume")
     assert_same_state(done, reference)  # same weights, EMA and optimiser state, bit for bit
     with open(os.path.join(out, "log.jsonl")) as f:
@@ -241,7 +257,8 @@ def test_ctrl_c_and_sigterm_save_and_resume_is_bit_exact(reference, tmp_path):
 def test_sigterm_during_the_final_evaluation_stops_it_with_the_run_saved(tmp_path, monkeypatch):
     final_eval = train.final_eval
 
-    def signalled(*args):  # SIGTERM half a second into the real evaluation (a medium set: a minute or more here)
+    def signalled(*args):
+        # SIGTERM half a second into the real evaluation (a medium set: a minute or more here)
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
         return final_eval(*args)
 
@@ -265,17 +282,19 @@ def test_kill_9_never_leaves_a_broken_checkpoint(reference, tmp_path):
         time.sleep(rng.uniform(0.2, 1.5))  # somewhere in a step or in a checkpoint write
         proc.kill()
         proc.wait()
-        ckpt = model.read_checkpoint(os.path.join(out, "ckpt.pt"))  # whole and loadable, whenever it died
+        # whole and loadable, whenever it died
+        ckpt = model.read_checkpoint(os.path.join(out, "ckpt.pt"))
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert_same_state(finish(out, "--resume"), reference)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 3. Numerical faults
 
 
 def faulty_loss(bad_calls, kind="loss"):
-    """selfe_loss with a non-finite loss (or, kind='grad', a finite loss with non-finite gradients) on some calls."""
+    """selfe_loss with a non-finite loss (or, kind='grad', a finite loss with non-finite
+    gradients) on some calls."""
     real, calls = selfe.selfe_loss, [0]
 
     def loss_fn(net, *args, **kwargs):
@@ -283,7 +302,8 @@ def faulty_loss(bad_calls, kind="loss"):
         calls[0] += 1
         if bad_calls(calls[0]):
             p = next(net.parameters())
-            loss = loss * float("nan") if kind == "loss" else loss + 0 * (p - p.detach()).abs().sqrt().sum()
+            loss = (loss * float("nan") if kind == "loss"
+                    else loss + 0 * (p - p.detach()).abs().sqrt().sum())
         return loss, stats
     return loss_fn
 
@@ -310,8 +330,10 @@ def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="10 steps in a row had a non-finite"):
         train.main(["--out", out, "--resume", "--iters", "40", "--ckpt-every", "1"])
     after = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert after["skipped"] == 9 and after["step"] == 13  # saved before the tenth; the tenth stopped the run
-    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])  # no update got in
+    # saved before the tenth; the tenth stopped the run
+    assert after["skipped"] == 9 and after["step"] == 13
+    # no update got in
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
 
 
 def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
@@ -326,7 +348,7 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
     assert open(path, "rb").read() == b"the last good checkpoint"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 4. Checkpoints that would run code are refused
 
 
@@ -335,25 +357,30 @@ class RunsCode:
         self.marker = marker
 
     def __reduce__(self):
-        return (open, (self.marker, "w"))  # creating a file stands in for anything an attacker would run
+        # creating a file stands in for anything an attacker would run
+        return (open, (self.marker, "w"))
 
 
 def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, capsys, monkeypatch):
     marker = str(tmp_path / "pwned")
     path = str(tmp_path / "evil.pt")
-    torch.save({"model": RunsCode(marker), "ema": {}, "opt": {}, "step": 0, "config": {}, "text_dim": 384}, path)
-    err = expect_input_error(sample.main, ["--ckpt", path, "--prompt", "x", "--out", str(tmp_path / "s")],
+    torch.save({"model": RunsCode(marker), "ema": {}, "opt": {}, "step": 0, "config": {},
+                "text_dim": 384}, path)
+    err = expect_input_error(sample.main,
+                             ["--ckpt", path, "--prompt", "x", "--out", str(tmp_path / "s")],
                              capsys, monkeypatch)
     assert "refusing to load" in err and not os.path.exists(marker)
     os.makedirs(tmp_path / "run")
     os.replace(path, tmp_path / "run" / "ckpt.pt")
-    err = expect_input_error(train.main, ["--out", str(tmp_path / "run"), "--resume"], capsys, monkeypatch)
+    err = expect_input_error(train.main, ["--out", str(tmp_path / "run"), "--resume"], capsys,
+                             monkeypatch)
     assert "refusing to load" in err and not os.path.exists(marker)
-    torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)  # the file really is hostile: unsafe loading runs it
+    # the file really is hostile: unsafe loading runs it
+    torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert os.path.exists(marker)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 5. Several processes (torchrun, gloo on the CPU)
 
 WRAPPER = """
@@ -370,10 +397,11 @@ def test_two_processes_with_gloo_hold_identical_weights_and_resume(tmp_path):
     out = str(tmp_path / "run")
     wrapper = tmp_path / "wrap.py"
     wrapper.write_text(WRAPPER.format(here=HERE, out=out))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
-              "--out", out, *RUN, "--batch-size", "8", "--aux-start", "0"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              str(wrapper), "--out", out, *RUN, "--batch-size", "8", "--aux-start", "0"]
     for extra in (["--iters", "3"], ["--iters", "5", "--resume"]):
-        r = subprocess.run(launch + extra, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(launch + extra, cwd=HERE, env=ENV, capture_output=True, text=True,
+                           timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         w0, w1 = (torch.load(os.path.join(out, f"rank{i}.pt"), weights_only=True) for i in (0, 1))
         assert all(torch.equal(w0[k], w1[k]) for k in w0)

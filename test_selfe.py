@@ -152,8 +152,8 @@ def test_the_fake_score_term_mixes_with_k_and_adds_its_own_loss():
     net = Recorder(ConstantG())
     B, x0 = 8, torch.randn(8, 1, 2, 2)
     cond, null, fake = torch.randn(B), torch.zeros(B), torch.randn(B)
-    loss, stats = selfe.selfe_loss(net, x0, one(cond), one(null), one(fake), tau=1.0, p_null=0.0,
-                                   renorm=False)
+    loss, stats = selfe.selfe_loss(net, x0, one(cond), one(null), one(fake), one(null - 1),
+                                   tau=1.0, p_null=0.0, renorm=False)
     t, s, m = net.calls[0]["t"], net.calls[0]["s"], stats["judged"]
     x0_hat, G = const_G(cond, x0), lambda c: const_G(c, x0)  # noqa: E731
     delta = 0.9 * (G(null) - G(cond)) + 0.1 * (G(fake) - G(cond))  # appendix, k = 0.9
@@ -168,8 +168,8 @@ def test_the_fake_score_term_mixes_with_k_and_adds_its_own_loss():
 def test_fm_baseline_never_runs_the_extra_passes():
     net = Recorder(LinearNet())
     _, stats = selfe.selfe_loss(net, torch.randn(32, 3, 4, 4), one(torch.randn(32)),
-                                one(torch.zeros(32)), one(torch.ones(32)), fm=True, tau=1.0,
-                                p_equal=0.0, p_null=0.0)
+                                one(torch.zeros(32)), one(torch.ones(32)), one(-torch.ones(32)),
+                                fm=True, tau=1.0, p_equal=0.0, p_null=0.0)
     assert [c["n"] for c in net.calls] == [32] and stats["judged"] == 0
 
 
@@ -178,7 +178,7 @@ def test_selfe_judges_a_fixed_count_of_s_below_t_rows_only(p_null):
     torch.manual_seed(2)
     net = Recorder(LinearNet())
     B, trials = 64, 100
-    m = round(0.5 * (1 - p_null) * B)  # s < t on half (p_equal = 0.5) of the conditional rows
+    m = round(0.5 * B)  # s < t on half the rows (p_equal = 0.5), as the paper
     n_null = 0
     for _ in range(trials):
         net.calls.clear()
@@ -213,18 +213,21 @@ def test_evaluation_pass_conditional_on_eval_net_unconditional_on_online_net():
 
 
 @pytest.mark.parametrize("null_any_s", [None, False, True])
-def test_null_prompt_rows_and_their_times(null_any_s):
+def test_null_prompt_rows_and_their_times_and_fake_prompts(null_any_s):
     """The empty prompt on any row at the rate p_null (default, chosen by measurement), or only on
-    rows with s = t."""
+    rows with s = t; a row without its prompt gets the empty prompt's fake prompt too."""
     torch.manual_seed(4)
     net, B, n_null_self, n_null = Recorder(LinearNet()), 64, 0, 0
     option = {} if null_any_s is None else dict(null_any_s=null_any_s)
+    cond = torch.arange(1.0, B + 1)  # row i's prompt is i + 1, its fake prompt -(i + 1)
     for _ in range(50):
         net.calls.clear()
-        selfe.selfe_loss(net, torch.randn(B, 3, 4, 4), one(torch.randn(B)), one(torch.zeros(B)),
-                         tau=1.0, p_null=0.3, **option)
-        main = net.calls[0]
+        selfe.selfe_loss(net, torch.randn(B, 3, 4, 4), one(cond), one(torch.zeros(B)), one(-cond),
+                         one(torch.full((B,), 1000.0)), tau=1.0, p_null=0.3, **option)
+        main, fake_pass = net.calls[0], net.calls[-1]
         is_null = main["c"] == 0
+        m = fake_pass["n"]
+        assert torch.equal(fake_pass["c"], torch.where(is_null[:m], 1000.0, -cond[:m]))
         n_null_self += int((is_null & (main["s"] < main["t"])).sum())
         n_null += int(is_null.sum())
     assert abs(n_null / (50 * B) - 0.3) < 0.03
@@ -235,7 +238,7 @@ def test_gradients_flow_only_through_x0_hat_and_the_fake_pass():
     torch.manual_seed(3)
     net = Recorder(LinearNet())
     selfe.selfe_loss(net, torch.randn(64, 3, 4, 4), one(torch.randn(64)), one(torch.zeros(64)),
-                     one(torch.ones(64)), tau=1.0, p_equal=0.0, p_null=0.0)
+                     one(torch.ones(64)), one(-torch.ones(64)), tau=1.0, p_equal=0.0, p_null=0.0)
     # the pass with gradient, the two no-grad judges, the fake-score pass (its own loss)
     assert [c["grad"] for c in net.calls] == [True, False, False, True]
 
@@ -689,7 +692,7 @@ def test_bf16_autocast_loss_and_gradients_are_finite_and_close_to_fp32():
             V = net(x0[:1], torch.rand(1), torch.rand(1) * 0, tuple(c[:1] for c in cond))
             assert V.dtype == (torch.bfloat16 if bf16 else torch.float32)  # autocast is on
             torch.manual_seed(5)
-            loss, _ = selfe.selfe_loss(net, x0, cond, null, cond, tau=1.0)
+            loss, _ = selfe.selfe_loss(net, x0, cond, null, cond, null, tau=1.0)
         loss.backward()
         return loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
 

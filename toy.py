@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import selfe
 
-CLASSES, NULL, STD = 4, 4, 0.15  # class ids 0-3, the empty prompt 4, fake prompts 5-8
+CLASSES, NULL, STD = 4, 4, 0.15  # class ids 0-3, the empty prompt 4, their fake prompts 5-9
 STEPS = (1, 2, 4, 8, 50)
 
 
@@ -61,7 +61,7 @@ class ToyNet(nn.Module):
         self.gap_in = nn.Sequential(nn.Linear(16, width), nn.SiLU(), nn.Linear(width, width))
         nn.init.zeros_(self.gap_in[2].weight)
         nn.init.zeros_(self.gap_in[2].bias)
-        self.c_in = nn.Embedding(2 * CLASSES + 1, width)
+        self.c_in = nn.Embedding(2 * CLASSES + 2, width)
         self.layers = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(width, width))
                                     for _ in range(3))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(width, 2))
@@ -87,14 +87,14 @@ def train(method, centres, seed, iters=4000, batch=256, renorm=True, fake_start=
     net = ToyNet()
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.95))
-    null = (torch.full((batch,), NULL),)
+    null, null_fake = (torch.full((batch,), NULL),), (torch.full((batch,), 2 * NULL + 1),)
     for step in range(iters):
         x0, c = draw_data(centres, batch, gen)
-        fake = (c + CLASSES + 1,) if step >= fake_start * iters else None  # "<class> fake image"
+        fake = (c + NULL + 1,) if step >= fake_start * iters else None  # "<class> fake image"
         # lr: warm-up over 100 steps, then linear decay from 1e-3 to 1e-5
         opt.param_groups[0]["lr"] = 1e-3 * min((step + 1) / 100, 1 - 0.99 * step / iters)
-        loss, _ = selfe.selfe_loss(net, x0, (c,), null, fake, fm=method == "fm", renorm=renorm,
-                                   tau=min(1.0, step / (0.4 * iters)), eval_net=ema)
+        loss, _ = selfe.selfe_loss(net, x0, (c,), null, fake, null_fake, fm=method == "fm",
+                                   tau=min(1.0, step / (0.4 * iters)), renorm=renorm, eval_net=ema)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), 1.0)

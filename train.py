@@ -210,7 +210,7 @@ def train(argv, interrupt):
                                                         broadcast_buffers=False)
     autocast = torch.autocast(device.type, torch.bfloat16) if cfg["bf16"] else nullcontext()
     batch = cfg["batch_size"] // world  # per process
-    null = text([""] * batch)
+    null, null_fake = text([""] * batch), text(fake_prompts([""] * batch))
     if rank == 0:  # only now that every input has been read: bad input leaves no folder behind
         check_writable(os.path.join(cfg["out"], "samples"))
         params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -238,7 +238,8 @@ def train(argv, interrupt):
             torch.manual_seed(step_seed(cfg["seed"], rank, step))  # this step's times and noise
             with autocast:
                 loss, stats = selfe.selfe_loss(
-                    net, x0, cond, null, fake, fm=cfg["method"] == "fm", tau=tau_at(step, cfg),
+                    net, x0, cond, null, fake, null_fake, fm=cfg["method"] == "fm",
+                    tau=tau_at(step, cfg),
                     p_equal=cfg["p_equal"], p_null=cfg["p_null"], shift=cfg["shift"],
                     renorm=cfg["renorm"], eval_net=judge, null_any_s=cfg["null_any_s"])
             opt.zero_grad(set_to_none=True)
