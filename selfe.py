@@ -60,6 +60,15 @@ def sample_times(n, tau, m, shift=1.0, device=None):
     return t, torch.where(torch.arange(n, device=device) < m, s, t)
 
 
+def null_rows(B, m, p_null, null_any_s, device=None):
+    """-> (B,) bool: the rows whose prompt is dropped for the empty one, which guidance needs (ours:
+    the rate; any row, or with null_any_s=False rows [m, B) at a rate that keeps p_null)."""
+    u = torch.rand(B, device=device)
+    if null_any_s:
+        return u < p_null
+    return (torch.arange(B, device=device) >= m) & (u < p_null * B / max(1, B - m))
+
+
 def lambda_st(t, s):
     """Eq. 17: sigma_t / alpha_t - sigma_s / alpha_s, the self-evaluation weight; 0 when s = t."""
     return t / (1 - t) - s / (1 - s)
@@ -78,18 +87,15 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, fm=False, tau=
     x0 (B, ...) data; cond, null: conditions of the prompts and of the empty prompt; fake,
     null_fake: of the fake prompts "<prompt> fake image" and "fake image" (None: the fake-score term
     is off). fm: the flow-matching baseline (s = t on every row). eval_net: the weights of the
-    conditional evaluation (the paper: EMA)."""
+    conditional judge (the paper: EMA); the unconditional judge is net, the online weights.
+    Without renorm, Eqs. 16-18: |x0_hat - x0|^2 + lam |x0_hat - x_self|^2, one regression on the
+    mix (x0 + lam x_self) / (1 + lam) times (1 + lam); renorm (Eq. 19) rescales the mix instead."""
     B, dev = x0.shape[0], x0.device
     m = 0 if fm else round((1 - p_equal) * B)  # rows [0, m) jump (s < t); the rest have s = t
-    u = torch.rand(B, device=dev)  # the empty prompt on a row, for guidance (ours: rate and rows)
-    if null_any_s:
-        drop = u < p_null
-    else:  # on s = t rows only, at the rate that keeps p_null overall
-        drop = (torch.arange(B, device=dev) >= m) & (u < p_null * B / max(1, B - m))
-    dropped = lambda a, b: each(lambda x, y: torch.where(bcast(drop, x), y, x), a, b)  # noqa: E731
-    cond = dropped(cond, null)
-    if fake is not None:  # a row without its prompt has no prompt in its fake prompt either
-        fake = dropped(fake, null_fake)
+    drop = null_rows(B, m, p_null, null_any_s, dev)  # (a dropped prompt drops its fake one too)
+    cond = each(lambda c, n: torch.where(bcast(drop, c), n, c), cond, null)
+    if fake is not None:
+        fake = each(lambda c, n: torch.where(bcast(drop, c), n, c), fake, null_fake)
     t, s = sample_times(B, tau, m, shift, dev)
     x_t = add_noise(x0, t, torch.randn_like(x0))  # Eq. 1
     x0_hat = G(net, x_t, t, s, cond)  # Eq. 6: the one pass with gradient, (B, ...)
@@ -119,8 +125,9 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, fm=False, tau=
     if not renorm:
         per_row = per_row * (1 + lambda_st(t, s))  # Eq. 16: two squares folded into one
     loss = per_row.mean() + aux.sum() / B
-    # stats stay on the device (reading one costs a sync); judged: the rows of the extra passes
-    return loss, {"frac_self": (s < t).float().mean(), "aux": aux.detach().sum() / B, "judged": m}
+    # stats stay on the device (reading one costs a sync); jump_rows: m, for the FLOP count
+    frac_self = (s < t).float().mean()
+    return loss, {"frac_self": frac_self, "aux": aux.detach().sum() / B, "jump_rows": m}
 
 
 # -------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -255,18 +254,20 @@ def test_ctrl_c_and_sigterm_save_and_resume_is_bit_exact(reference, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_during_the_final_evaluation_stops_it_with_the_run_saved(tmp_path, monkeypatch):
-    final_eval = train.final_eval
+    """SIGTERM while the final evaluation draws its first batch (of four: a medium set) stops it
+    there: no other batch is drawn, nothing half-scored is written, the last step is saved."""
+    drawn, generate = [], train.generate
 
-    def signalled(*args):
-        # SIGTERM half a second into the real evaluation (a medium set: a minute or more here)
-        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
-        return final_eval(*args)
+    def signalled(*args, **kwargs):
+        drawn.append(len(args[2]))
+        if len(args[2]) == 96:  # the final evaluation's batch; the last step's grid has 6 prompts
+            os.kill(os.getpid(), signal.SIGTERM)
+        return generate(*args, **kwargs)
 
-    monkeypatch.setattr(train, "final_eval", signalled)
-    t0 = time.perf_counter()
+    monkeypatch.setattr(train, "generate", signalled)
     with pytest.raises(KeyboardInterrupt):
         train.main(["--out", str(tmp_path), *RUN, "--iters", "3", "--final-eval", "medium"])
-    assert time.perf_counter() - t0 < 20
+    assert drawn == [6, 96]  # the grid, then the evaluation's first batch, stopped there
     assert model.read_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
     assert not os.path.exists(tmp_path / "eval" / "results.json")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back

@@ -131,7 +131,7 @@ def test_the_loss_is_eqs_14_to_21_by_hand(renorm):
     loss, stats = selfe.selfe_loss(net, x0, one(cond), one(null), tau=1.0, p_null=0.0,
                                    renorm=renorm)
     t, s = net.calls[0]["t"], net.calls[0]["s"]
-    m = stats["judged"]
+    m = stats["jump_rows"]
     assert m == 4 and (s[:m] < t[:m]).all() and torch.equal(s[m:], t[m:])  # half the rows jump
     x0_hat = const_G(cond, x0)
     x_self = x0_hat - (const_G(null, x0) - const_G(cond, x0))  # Eq. 14
@@ -154,7 +154,7 @@ def test_the_fake_score_term_mixes_with_k_and_adds_its_own_loss():
     cond, null, fake = torch.randn(B), torch.zeros(B), torch.randn(B)
     loss, stats = selfe.selfe_loss(net, x0, one(cond), one(null), one(fake), one(null - 1),
                                    tau=1.0, p_null=0.0, renorm=False)
-    t, s, m = net.calls[0]["t"], net.calls[0]["s"], stats["judged"]
+    t, s, m = net.calls[0]["t"], net.calls[0]["s"], stats["jump_rows"]
     x0_hat, G = const_G(cond, x0), lambda c: const_G(c, x0)  # noqa: E731
     delta = 0.9 * (G(null) - G(cond)) + 0.1 * (G(fake) - G(cond))  # appendix, k = 0.9
     lam = (t / (1 - t) - s / (1 - s)).view(-1, 1, 1, 1)
@@ -170,7 +170,7 @@ def test_fm_baseline_never_runs_the_extra_passes():
     _, stats = selfe.selfe_loss(net, torch.randn(32, 3, 4, 4), one(torch.randn(32)),
                                 one(torch.zeros(32)), one(torch.ones(32)), one(-torch.ones(32)),
                                 fm=True, tau=1.0, p_equal=0.0, p_null=0.0)
-    assert [c["n"] for c in net.calls] == [32] and stats["judged"] == 0
+    assert [c["n"] for c in net.calls] == [32] and stats["jump_rows"] == 0
 
 
 @pytest.mark.parametrize("p_null", [0.0, 0.5])
@@ -187,7 +187,7 @@ def test_selfe_judges_a_fixed_count_of_s_below_t_rows_only(p_null):
                                        null_any_s=False)
         main, judged_c, judged_u = net.calls
         is_self, is_null = main["s"] < main["t"], main["c"] == 0
-        assert judged_c["n"] == judged_u["n"] == m == stats["judged"]  # a fixed count of rows
+        assert judged_c["n"] == judged_u["n"] == m == stats["jump_rows"]  # a fixed count of rows
         assert is_self[:m].all() and not is_self[m:].any()  # none of them wasted (lambda > 0)
         assert not is_null[:m].any()  # null_any_s=False: the empty prompt on s = t rows only
         assert (judged_u["c"] == 0).all() and torch.equal(judged_c["c"], main["c"][:m])
@@ -708,7 +708,7 @@ def test_data_workers_render_half_again_what_the_gpu_step_needs():
     at 50 % MFU too. CPU time, not wall time: a busy machine cannot fail it."""
     cfg = {**train.DEFAULTS, **train.PRESETS["gpu"]}
     net, B = model.build_model(cfg, text_dim=384), cfg["batch_size"]
-    need = B * 0.35 * 989e12 / train.step_flops(net, cfg["text_len"], B, judged=0, fake=False)
+    need = B * 0.35 * 989e12 / train.step_flops(net, cfg["text_len"], B, jump_rows=0, fake=False)
     world, rng = shapes.TrainingData(cfg["res"]), np.random.default_rng(0)
     world.batch(B, rng)  # warm-up
     t0, n = time.process_time(), 0

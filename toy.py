@@ -79,7 +79,7 @@ class ToyNet(nn.Module):
         return self.out(h)
 
 
-def train(method, centres, seed, iters=4000, batch=256, renorm=True, fake_start=1.0):
+def train(method, centres, seed, iters=4000, batch=256, renorm=True, aux_start=1.0):
     """The project's recipe at toy size: Adam (0.9, 0.95), lr 1e-3 with warm-up and linear decay,
     clip 1, tau ramped over 40 % of the run, EMA weights as the conditional judge. -> the EMA."""
     torch.manual_seed(seed)
@@ -90,7 +90,7 @@ def train(method, centres, seed, iters=4000, batch=256, renorm=True, fake_start=
     null, null_fake = (torch.full((batch,), NULL),), (torch.full((batch,), 2 * NULL + 1),)
     for step in range(iters):
         x0, c = draw_data(centres, batch, gen)
-        fake = (c + NULL + 1,) if step >= fake_start * iters else None  # "<class> fake image"
+        fake = (c + NULL + 1,) if step >= aux_start * iters else None  # "<class> fake image"
         # lr: warm-up over 100 steps, then linear decay from 1e-3 to 1e-5
         opt.param_groups[0]["lr"] = 1e-3 * min((step + 1) / 100, 1 - 0.99 * step / iters)
         loss, _ = selfe.selfe_loss(net, x0, (c,), null, fake, null_fake, fm=method == "fm",
@@ -200,7 +200,7 @@ def main():
     p.add_argument("--iters", type=int, default=4000, help="training steps per method")
     p.add_argument("--no-renorm", action="store_true",
                    help="the paper's 'w/o target norm' ablation")
-    p.add_argument("--fake-start", type=float, default=1.0,
+    p.add_argument("--aux-start", type=float, default=1.0,
                    help="fraction of the run after which the fake-score term is on (1 = never)")
     p.add_argument("--out", default="toy.png", help="the picture (the first seed, cfg 1)")
     args = p.parse_args()
@@ -208,13 +208,13 @@ def main():
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas")
-    if args.iters < 1 or not 0 <= args.fake_start <= 1:
-        p.error("--iters must be at least 1 and --fake-start lie in [0, 1]")
+    if args.iters < 1 or not 0 <= args.aux_start <= 1:
+        p.error("--iters must be at least 1 and --aux-start lie in [0, 1]")
     torch.set_num_threads(1)  # a 2-D toy gains nothing from more threads
     centres, t0, runs = modes(args.layout), time.perf_counter(), []
     for seed in seeds:
         models = {m: train(m, centres, seed, args.iters, renorm=not args.no_renorm,
-                           fake_start=args.fake_start) for m in NAMES}
+                           aux_start=args.aux_start) for m in NAMES}
         runs.append(evaluate(models, centres))
         print(f"seed {seed}: trained and sampled ({time.perf_counter() - t0:.0f} s so far)")
     scores = {key: tuple(sum(r[0][key][i] for r in runs) / len(runs) for i in range(2))

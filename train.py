@@ -200,10 +200,10 @@ def train(argv, interrupt):
         load_weights(ema, ckpt["ema"], ckpt_path)
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
-    net, judge = model, ema if cfg["ema_eval"] else None  # the online net and the judge
+    net, eval_net = model, ema if cfg["ema_eval"] else None  # online; the conditional judge
     if cfg["compile"]:  # whole graphs (a graph break is an error), static shapes
         net = torch.compile(model, fullgraph=True, dynamic=False)
-        judge = torch.compile(ema, fullgraph=True, dynamic=False) if cfg["ema_eval"] else None
+        eval_net = torch.compile(ema, fullgraph=True, dynamic=False) if cfg["ema_eval"] else None
     if world > 1:  # the only buffer, pos, never changes
         ids = None if device.index is None else [device.index]
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids,
@@ -239,9 +239,9 @@ def train(argv, interrupt):
             with autocast:
                 loss, stats = selfe.selfe_loss(
                     net, x0, cond, null, fake, null_fake, fm=cfg["method"] == "fm",
-                    tau=tau_at(step, cfg),
-                    p_equal=cfg["p_equal"], p_null=cfg["p_null"], shift=cfg["shift"],
-                    renorm=cfg["renorm"], eval_net=judge, null_any_s=cfg["null_any_s"])
+                    tau=tau_at(step, cfg), p_equal=cfg["p_equal"], p_null=cfg["p_null"],
+                    shift=cfg["shift"], renorm=cfg["renorm"], eval_net=eval_net,
+                    null_any_s=cfg["null_any_s"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
@@ -267,7 +267,7 @@ def train(argv, interrupt):
                                  f"{ckpt_path} holds the last good weights: --resume with a lower "
                                  f"--lr or --clip")
             seconds, timed = clock.lap()
-            flops = step_flops(model, cfg["text_len"], batch, stats["judged"], fake is not None)
+            flops = step_flops(model, cfg["text_len"], batch, stats["jump_rows"], fake is not None)
             fig = speed(seconds, timed, flops, cfg["batch_size"], device) if timed else {}
             rec = {"step": step, **tally.read(), "grad_norm": grad_norm.item(),
                    "aux": float(stats["aux"]), "lr": lr_at(step - 1, cfg),
@@ -491,10 +491,10 @@ class Clock:
         return out
 
 
-def step_flops(model, text_len, batch, judged, fake):
+def step_flops(model, text_len, batch, jump_rows, fake):
     """FLOPs of a step on one process: the pass with gradient (forward + backward = 3 forwards) on
-    every row, two no-grad evaluations on the judged rows, the fake-score pass (grad) when on."""
-    return model.flops(text_len) * (3 * batch + 2 * judged + (3 * judged if fake else 0))
+    every row, the two no-grad judges on the jump rows, and their fake-score pass (grad) when on."""
+    return model.flops(text_len) * (3 * batch + 2 * jump_rows + (3 * jump_rows if fake else 0))
 
 
 # Dense bf16 peaks (datasheets), for MFU. The first key the device name contains wins.
