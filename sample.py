@@ -108,8 +108,8 @@ def main():
         t0 = time.perf_counter()
         images.update(generate(model, text, rows, [steps], args.seed, **sampler))
         seconds = time.perf_counter() - t0
-        print(f"{steps} steps: {len(rows)} images in {seconds:.2f} s ({len(rows) / seconds:.1f} "
-              f"images/s, {args.device})")
+        print(f"{steps} step{'s' * (steps > 1)}: {len(rows)} images in {seconds:.2f} s "
+              f"({len(rows) / seconds:.1f} images/s, {args.device})")
     shapes.save_grid(images, rows, os.path.join(args.out, "grid.png"))
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     for steps, batch in images.items():

@@ -10,8 +10,9 @@ and render(objects, res) draws them. `score(objects, meta)` applies GenEval's ru
 objects, so every caption can be checked against its own scene (a test does) and detected objects
 can be scored the same way. ShapesEval's second number, the scene distance (`frechet` of
 `scene_features`), compares what the judge reads from generated images with what it reads from true
-scenes of the same prompts. `evaluate(draw, ...)` scores any model through a draw function, so this
-file needs no model.
+scenes of the same prompts. `evaluate(draw, ...)` scores any model through a draw function, and
+`report` writes its table and grid. `TrainingData` serves the world as training batches;
+`swap_accuracy` asks a model's own classifier (selfe.G) about one-word prompt swaps.
 """
 import itertools
 import json
