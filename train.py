@@ -31,8 +31,8 @@ from tqdm import tqdm
 import selfe
 import shapes
 from cli import InputError, Parser, check_writable, run_cli
-from model import MODELS, TextEncoder, build_model, load_weights, read_checkpoint, save_checkpoint
-from model import generate
+from model import (MODELS, TextEncoder, build_model, generate, load_weights, read_checkpoint,
+                   save_checkpoint)
 
 # -------------------------------------------------------------------------------------------------
 # Config: plain defaults, each with its help. None: the preset gives it.
