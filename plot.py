@@ -6,11 +6,13 @@ paper's Fig. 5 in miniature).
         --out curve.png
     python plot.py out_fm/log.jsonl out_selfe/log.jsonl --x minutes  # vs compute, not iterations
     python plot.py out_fm/log.jsonl out_selfe/log.jsonl --y swaps    # the model's own classifier
+    python plot.py out/log.jsonl --y loss                            # any run, your own data too
 
 Reads the `eval_overall` records that train.py writes every --eval-every steps (the small set, at 2
 and 8 steps) and draws one colour per run: a solid line at 2 steps, a dashed one at 8. `--y swaps`
 draws the records' `swap_accuracy` instead, averaged over its four kinds: how often the model's own
 classifier (the one self-evaluation relies on) tells an image's prompt from a one-word swap.
+`--y loss` draws the training loss, which every run logs (the mean over each --log-every window).
 `--x minutes` puts each score at the training time the run had spent to reach it, summed from the
 log's ms_per_step (evaluations and grids excluded): a Self-E step costs more than a flow-matching
 one, so this is the fair comparison for a fixed budget. Drawn with Pillow, which the project already
@@ -18,6 +20,7 @@ needs, so there is nothing more to install.
 """
 import argparse
 import json
+import math
 import os
 
 import numpy as np
@@ -32,6 +35,8 @@ W, H, LEFT, RIGHT, TOP, BOTTOM = 720, 440, 60, 170, 30, 50
 
 def points(rec, y):
     """One log record -> {curve name: value} for the chosen y."""
+    if y == "loss":  # None: every step of the window was skipped as non-finite
+        return {"loss": rec["loss"]} if rec.get("loss") is not None else {}
     if y == "swaps":
         acc = rec.get("swap_accuracy")
         return {"swap accuracy": sum(acc.values()) / len(acc)} if acc else {}
@@ -57,9 +62,9 @@ def read_curves(path, x="iteration", y="shapes"):
     except ValueError:
         raise InputError(f"{path}: not a train.py log.jsonl (a line is not JSON)") from None
     if not curves:
-        raise InputError(
-            f"{path}: no {'swap accuracies' if y == 'swaps' else 'ShapesEval scores'} in it "
-            f"(train.py writes them every --eval-every steps on the shapes data)")
+        raise InputError(f"{path}: no {NAMES[y]} in it (train.py writes ShapesEval scores and "
+                         f"swap accuracies every --eval-every steps on the shapes data; --y loss "
+                         f"draws any run)")
     if x == "minutes":
         if not ms_per_step:
             raise InputError(f"{path}: no ms_per_step records to measure minutes by")
@@ -92,12 +97,20 @@ def segment(draw, a, b, fill, dash=None):
 
 TITLES = {"shapes": "ShapesEval overall during training (small set: 96 images a point)",
           "swaps": "the model's own classifier on one-word prompt swaps "
-                   "(256 pairs a point; chance 0.5)"}
+                   "(256 pairs a point; chance 0.5)",
+          "loss": "training loss (the mean over each --log-every window)"}
+NAMES = {"shapes": "ShapesEval scores", "swaps": "swap accuracies", "loss": "loss records"}
 
 
-def plot(runs, out, x_label="iteration", title=TITLES["shapes"]):
-    """runs: {label: {curve: [(x, score), ...]}} -> PNG at out. The y axis is the score, 0 to 1; one
-    colour per run, the first curve solid, the others dashed."""
+def axis_top(v):
+    """A round number at or above v > 0 (1, 2, 5 or 10 times a power of ten): the y axis's top."""
+    power = 10.0 ** math.floor(math.log10(v))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= v * (1 - 1e-9))
+
+
+def plot(runs, out, x_label="iteration", title=TITLES["shapes"], top=1.0):
+    """runs: {label: {curve: [(x, y), ...]}} -> PNG at out. The y axis runs from 0 to top (None:
+    from the values); one colour per run, the first curve solid, the others dashed."""
     font = ImageFont.load_default(size=13)
     names = list(dict.fromkeys(name for curves in runs.values() for name in curves))
     legend_w = 56 + max(font.getlength(f"{label}, {k}") for label in runs for k in names)
@@ -105,12 +118,13 @@ def plot(runs, out, x_label="iteration", title=TITLES["shapes"]):
     img = Image.new("RGB", (max(W, round(W - RIGHT + legend_w)), H), "white")
     draw = ImageDraw.Draw(img)
     x_max = max(it for curves in runs.values() for pts in curves.values() for it, _ in pts)
+    top = top or axis_top(max(v for c in runs.values() for pts in c.values() for _, v in pts))
     px = lambda it: LEFT + (W - LEFT - RIGHT) * it / x_max  # noqa: E731
-    py = lambda v: H - BOTTOM - (H - TOP - BOTTOM) * v  # noqa: E731
-    for i in range(6):  # grid and ticks: score every 0.2, x in fifths
-        v, it = i / 5, round(x_max * i / 5, 0 if x_max >= 50 else 1)
+    py = lambda v: H - BOTTOM - (H - TOP - BOTTOM) * v / top  # noqa: E731
+    for i in range(6):  # grid and ticks: y and x in fifths
+        v, it = top * i / 5, round(x_max * i / 5, 0 if x_max >= 50 else 1)
         draw.line([(LEFT, py(v)), (W - RIGHT, py(v))], fill=(225, 225, 225))
-        draw.text((LEFT - 8, py(v)), f"{v:.1f}", fill="black", font=font, anchor="rm")
+        draw.text((LEFT - 8, py(v)), f"{v:.3g}", fill="black", font=font, anchor="rm")
         draw.text((px(it), H - BOTTOM + 8), f"{it:g}", fill="black", font=font, anchor="mt")
     draw.rectangle([LEFT, TOP, W - RIGHT, H - BOTTOM], outline="black")
     draw.text((W / 2, 8), title, fill="black", font=font, anchor="mt")
@@ -140,8 +154,8 @@ def main():
     p.add_argument("--x", choices=["iteration", "minutes"], default="iteration",
                    help="x axis: iterations, or training minutes from the log's ms_per_step")
     p.add_argument("--y", choices=list(TITLES), default="shapes",
-                   help="ShapesEval at 2 and 8 steps, "
-                        "or the model's own classifier on prompt swaps")
+                   help="ShapesEval at 2 and 8 steps, the model's own classifier on prompt "
+                        "swaps, or the training loss")
     p.add_argument("--out", default="curve.png")
     args = p.parse_args()
     labels = args.labels.split(",") if args.labels else [
@@ -150,7 +164,7 @@ def main():
         raise InputError(f"--labels gives {len(labels)} names for {len(args.logs)} logs")
     x_label = "iteration" if args.x == "iteration" else "training minutes (evaluations excluded)"
     plot({label: read_curves(f, args.x, args.y) for label, f in zip(labels, args.logs)}, args.out,
-         x_label, TITLES[args.y])
+         x_label, TITLES[args.y], None if args.y == "loss" else 1.0)
     print(f"wrote {args.out}")
 
 

@@ -454,10 +454,14 @@ def report(draw, res, size, out, info, seed=0, progress=True):
     return results
 
 
+LABEL_CHARS = 60  # a longer prompt is cut on the grid, which would grow as wide as it
+
+
 def save_grid(images, prompts, path, cell=96):
     """images: {steps: (P, 3, H, W)}. One row per prompt (its text on the left), a column per step
     count."""
     font = ImageFont.load_default(size=13)  # the default size, 10, runs words together
+    prompts = [p if len(p) <= LABEL_CHARS else p[:LABEL_CHARS - 3] + "..." for p in prompts]
     cols, label_w, head_h = list(images), 8 + int(max(font.getlength(p) for p in prompts)), 18
     grid = Image.new("RGB", (label_w + cell * len(cols), head_h + cell * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)

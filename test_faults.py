@@ -7,6 +7,7 @@ stderr that starts with "error:", exit code 2, no traceback.
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
 import cli  # noqa: E402
 import model  # noqa: E402
+import plot  # noqa: E402
 import sample  # noqa: E402
 import selfe  # noqa: E402
+import shapes  # noqa: E402
 import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,9 +83,11 @@ def test_train_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys, monkeypa
         os.makedirs(out)
         open(os.path.join(out, "ckpt.pt"), "w").close()
     (tmp_path / "file").write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     argv, expected = {
         "no_folder": (["--data", str(tmp_path / "nope")], "no such folder"),
-        "no_images": (["--data", str(tmp_path)], "no images"),
+        "no_images": (["--data", str(empty)], "no images"),
         "no_captions": (["--data", image_folder(tmp_path / "nocap", ["a.png", "b.jpg"],
                                                 caption=False)], "2 without a caption"),
         "all_broken": (["--data", str(broken)], "2 unreadable"),
@@ -122,7 +127,7 @@ def test_checkpoint_errors_for_train_and_sample(tmp_path, capsys, monkeypatch):
         capsys, monkeypatch)
     assert "not a readable" in expect_input_error(
         train.main, ["--out", str(truncated.parent), "--resume"], capsys, monkeypatch)
-    assert "another shape" in expect_input_error(
+    assert "--model small differs from the run's tiny" in expect_input_error(
         train.main, ["--out", good, "--resume", "--model", "small"], capsys, monkeypatch)
 
 
@@ -179,16 +184,217 @@ def test_folder_report_and_a_bad_metadata_line(tmp_path, capsys):
     image_folder(root, ["a.png", "b.png"])
     Image.new("RGB", (8, 8)).save(root / "c.png")  # no caption
     train.FolderData(str(root), 8)
-    assert (f"data: 2 images from {root}; skipped 1 without a caption, 0 unreadable (e.g. c.png)"
-            in capsys.readouterr().out)
+    assert (f"data: 2 images from {root}; skipped 1 without a caption, 0 with an empty one, "
+            f"0 unreadable (e.g. c.png)" in capsys.readouterr().out)
     with open(root / "metadata.jsonl", "w") as f:
         f.write('{"file_name": "a.png", "text": "a photo"}\nnot json\n')
     with pytest.raises(cli.InputError, match="line 2"):
         train.FolderData(str(root), 8)
 
 
+@pytest.mark.parametrize("row", ['{"file_name": "a.png", "text": 1}',
+                                 '{"file_name": "a.png", "text": ["a", "b"]}',
+                                 '{"file_name": "a.png", "text": null}'])
+def test_a_caption_that_is_not_a_string_is_one_line_with_file_and_line(row, tmp_path, capsys,
+                                                                       monkeypatch):
+    root = image_folder(tmp_path / "data", ["a.png", "b.png"], caption=False)
+    (tmp_path / "data" / "metadata.jsonl").write_text(
+        '{"file_name": "b.png", "text": "a photo"}\n' + row + "\n")
+    out = str(tmp_path / "out")
+    err = expect_input_error(train.main, ["--out", out, "--data", root], capsys, monkeypatch)
+    assert "metadata.jsonl, line 2: 'text' must be a string, not " in err
+    assert not os.path.exists(out)  # no log.jsonl, no samples/
+
+
+def test_captions_are_utf8_with_or_without_a_bom_in_any_locale(tmp_path):
+    """Read by a Python whose locale is plain ASCII: the captions still come out whole."""
+    root = image_folder(tmp_path / "bom", ["a.png"], caption=False)
+    (tmp_path / "bom" / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "text": "un cœur rouge"}\n', encoding="utf-8-sig")  # Notepad's
+    txt = image_folder(tmp_path / "txt", ["b.png"], caption=False)
+    (tmp_path / "txt" / "b.txt").write_text("ein grünes Dreieck", encoding="utf-8")
+    code = (f"import train; print(train.FolderData({root!r}, 8, quiet=True).captions, "
+            f"train.FolderData({txt!r}, 8, quiet=True).captions)")
+    env = {**ENV, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
+                       text=True, encoding="utf-8")
+    assert r.returncode == 0 and r.stdout.strip() == "['un cœur rouge'] ['ein grünes Dreieck']", r
+
+
+def test_a_caption_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    root = image_folder(tmp_path / "latin", ["a.png"], caption=False)
+    (tmp_path / "latin" / "a.txt").write_bytes("un c\u0153ur".encode("cp1252"))
+    with pytest.raises(cli.InputError, match=r"a\.txt: not UTF-8"):
+        train.FolderData(root, 8)
+
+
+def test_empty_captions_are_counted_apart(tmp_path, capsys):
+    root = image_folder(tmp_path / "data", ["a.png", "b.png", "c.png"])
+    (tmp_path / "data" / "b.txt").write_text("  \n")
+    train.FolderData(root, 8)
+    assert ("skipped 0 without a caption, 1 with an empty one, 0 unreadable (e.g. b.png)"
+            in capsys.readouterr().out)
+
+
+def test_the_hugging_face_imagefolder_layout_with_subfolders(tmp_path, capsys):
+    root = tmp_path / "hf"
+    image_folder(root / "images", ["x.png", "y.png"], caption=False)
+    image_folder(root / "train", ["z.png"], caption=False)
+    (root / "metadata.jsonl").write_text('{"file_name": "images/x.png", "text": "an x"}\n'
+                                         '{"file_name": "images/y.png", "text": "a y"}\n')
+    (root / "train" / "metadata.jsonl").write_text('{"file_name": "z.png", "text": "a z"}\n')
+    data = train.FolderData(str(root), 8)
+    assert data.captions == ["an x", "a y", "a z"] and len(data.images) == 3
+
+
+def test_long_captions_are_reported_once_and_grid_labels_cut(tmp_path, capsys):
+    text = model.TextEncoder("default", 16)
+    cfg = {**train.DEFAULTS, **train.PRESETS["cpu"]}
+    long = "a photo of " + "a very red circle " * 100
+    train.print_notes(cfg, text, ["a red circle", long, long])
+    notes = capsys.readouterr().out
+    assert notes.count("\n") == 1 and "captions: 1 of 2 are longer than --text-len 16" in notes
+    images = {2: torch.zeros(2, 3, 8, 8)}
+    shapes.save_grid(images, ["a red circle", long], str(tmp_path / "grid.png"))
+    assert Image.open(tmp_path / "grid.png").width < 700  # not as wide as the caption
+
+
+def test_the_warm_up_is_capped_at_a_share_of_a_short_run(capsys):
+    cfg = {**train.DEFAULTS, **train.PRESETS["cpu"], "iters": 30}  # warm-up 100
+    assert train.warmup_steps(cfg) == 3 and train.lr_at(2, cfg) == cfg["lr"]
+    train.print_notes(cfg, model.TextEncoder("default", 16), ["a red circle"])
+    assert "warm-up: 3 steps (--warmup 100 is capped at 10% of --iters 30)" in (
+        capsys.readouterr().out)
+    default = {**cfg, "iters": 2600}
+    assert train.warmup_steps(default) == 100  # the presets' warm-ups are below the cap
+
+
 # -------------------------------------------------------------------------------------------------
-# 2. Interruptions and exact resume
+# 2. Runs: resume keeps a run's identity, a folder holds one run
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A 2-step run on a folder of images, given by a relative path; -> (its folder, the data)."""
+    root = tmp_path_factory.mktemp("lecture")
+    image_folder(root / "pics", ["a.png", "b.png"])
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        train.main(["--out", "run", "--data", "pics", *RUN[:2], "--iters", "2", "--batch-size",
+                    "2", "--res", "16", "--log-every", "1", "--eval-every", "0",
+                    "--no-final-grid"])
+    finally:
+        os.chdir(cwd)
+    return str(root / "run"), str(root / "pics")
+
+
+def copy_run(run, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(run, out)
+    return out
+
+
+def test_a_run_saves_absolute_paths_an_export_and_no_final_grid(folder_run):
+    out, data = folder_run
+    cfg = model.read_checkpoint(os.path.join(out, "ckpt.pt"))["config"]
+    assert cfg["data"] == data and os.path.isabs(data)  # resumes from any directory
+    assert os.listdir(os.path.join(out, "samples")) == []  # --no-final-grid
+    assert sorted(os.listdir(os.path.join(out, "model"))) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("flag,value,saved", [("--res", "32", "16"), ("--patch", "2", "4"),
+                                              ("--method", "fm", "selfe"),
+                                              ("--data", "shapes", None),
+                                              ("--text-len", "8", "16"),
+                                              ("--text-encoder", "HERE", "default")])
+def test_resume_refuses_to_change_what_defines_the_run(flag, value, saved, folder_run, tmp_path,
+                                                       capsys, monkeypatch):
+    out = copy_run(folder_run[0], tmp_path)
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    value = HERE if value == "HERE" else value
+    err = expect_input_error(train.main, ["--out", out, "--resume", flag, value, "--iters", "4"],
+                             capsys, monkeypatch)
+    saved = folder_run[1] if saved is None else saved
+    assert f"{flag} {value} differs from the run's {saved}" in err
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before  # untouched
+
+
+def test_resume_prints_each_flag_it_overrides(folder_run, tmp_path, capsys):
+    out = copy_run(folder_run[0], tmp_path)
+    train.main(["--out", out, "--resume", "--iters", "3", "--lr", "0.002"])
+    printed = capsys.readouterr().out
+    assert "overriding iters: 2 -> 3\n" in printed and "overriding lr: 0.001 -> 0.002\n" in printed
+    assert model.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 3
+
+
+@pytest.mark.parametrize("iters", [None, "1"])
+def test_resume_with_nothing_left_to_train_says_so(iters, folder_run, tmp_path, capsys,
+                                                   monkeypatch):
+    out = copy_run(folder_run[0], tmp_path)
+    err = expect_input_error(train.main, ["--out", out, "--resume",
+                                          *(["--iters", iters] if iters else [])],
+                             capsys, monkeypatch)
+    assert "is at step 2 and --iters is " in err and "give --iters above 2" in err
+
+
+def test_a_moved_data_folder_names_the_flag_to_pass(folder_run, tmp_path, capsys, monkeypatch):
+    run, data = folder_run
+    out, moved = copy_run(run, tmp_path), str(tmp_path / "moved")
+    shutil.copytree(data, moved)
+    cfg = model.read_checkpoint(os.path.join(out, "ckpt.pt"))["config"]
+    monkeypatch.setattr(train, "gone", lambda v: v == cfg["data"])  # as if it had moved away
+    err = expect_input_error(train.main, ["--out", out, "--resume", "--iters", "3"], capsys,
+                             monkeypatch)
+    assert f"the run's data folder {data} is not there any more" in err and "--data" in err
+    train.main(["--out", out, "--resume", "--iters", "3", "--data", moved])
+    assert f"overriding data: {data} -> {moved}" in capsys.readouterr().out
+
+
+def test_a_folder_with_a_log_but_no_checkpoint_holds_a_run(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "died"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 5}\n')
+    assert "holds a run (log.jsonl): add --resume" in expect_input_error(
+        train.main, ["--out", str(out)], capsys, monkeypatch)
+    assert "stopped before its first checkpoint" in expect_input_error(
+        train.main, ["--out", str(out), "--resume"], capsys, monkeypatch)
+    assert (out / "log.jsonl").read_text() == '{"step": 5}\n'
+
+
+class StudentNet(torch.nn.Module):
+    """A network of one's own: the contract of model.build_model, without .flops."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.res, self.channels = net, net.res, net.channels
+
+    def forward(self, x, t, s, cond):
+        return self.net(x, t, s, cond)
+
+
+def test_a_network_without_flops_trains_and_logs_no_mfu(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_model", lambda cfg, dim: StudentNet(model.build_model(
+        cfg, dim)))
+    out = str(tmp_path / "run")
+    train.main(["--out", out, *RUN, "--iters", "2", "--no-final-grid"])
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2] and all("mfu" not in r for r in log)
+
+
+def test_plot_draws_the_loss_of_any_run(folder_run, tmp_path, capsys, monkeypatch):
+    log = os.path.join(folder_run[0], "log.jsonl")
+    assert "--y loss draws any run" in expect_input_error(
+        plot.main, [log, "--out", str(tmp_path / "x.png")], capsys, monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["plot.py", log, "--y", "loss", "--out",
+                                      str(tmp_path / "loss.png")])
+    plot.main()
+    assert Image.open(tmp_path / "loss.png").size == (plot.W, plot.H)
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. Interruptions and exact resume
 
 
 def start(out, *extra):
@@ -290,7 +496,7 @@ def test_kill_9_never_leaves_a_broken_checkpoint(reference, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------
-# 3. Numerical faults
+# 4. Numerical faults
 
 
 def faulty_loss(bad_calls, kind="loss"):
@@ -350,7 +556,7 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------
-# 4. Checkpoints that would run code are refused
+# 5. Checkpoints that would run code are refused
 
 
 class RunsCode:
@@ -382,7 +588,7 @@ def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, capsys, monkeypat
 
 
 # -------------------------------------------------------------------------------------------------
-# 5. Several processes (torchrun, gloo on the CPU)
+# 6. Several processes (torchrun, gloo on the CPU)
 
 WRAPPER = """
 import os, sys, torch

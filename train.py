@@ -8,9 +8,11 @@ Train a Self-E text-to-image model from scratch.
     torchrun --nproc_per_node=8 train.py  # DistributedDataParallel; --batch-size stays global
 
 Every key of CONFIG and PRESETS is a flag (underscores become hyphens). A run writes to --out:
-ckpt.pt (model, EMA, optimiser, step, config; written atomically), log.jsonl, samples/ and, on the
-shapes world, eval/ (the ShapesEval table at the end). The randomness of step k (data, times,
-noise) is seeded by (seed, process, k), so a resumed run continues exactly where it stopped.
+ckpt.pt (model, EMA, optimiser, step, config; written atomically), model/ (the EMA weights alone,
+model.safetensors + config.json: the file to hand out; sample.py loads either), log.jsonl,
+samples/ and, on the shapes world, eval/ (the ShapesEval table at the end). The randomness of
+step k (data, times, noise) is seeded by (seed, process, k), so a resumed run continues exactly
+where it stopped, and --resume keeps what defines a run (IDENTITY) as it was saved.
 """
 import argparse
 import copy
@@ -31,14 +33,15 @@ from tqdm import tqdm
 import selfe
 import shapes
 from cli import InputError, Parser, check_writable, run_cli
-from model import (MODELS, TextEncoder, build_model, generate, load_weights, read_checkpoint,
-                   save_checkpoint)
+from model import (MODELS, TextEncoder, build_model, export_ema, generate, load_weights,
+                   read_checkpoint, save_checkpoint)
 
 # -------------------------------------------------------------------------------------------------
 # Config: plain defaults, each with its help. None: the preset gives it.
 CONFIG = {
     "out": ("out", "folder for everything the run writes"),
-    "data": ("shapes", "'shapes' (built in, infinite) or a folder of captioned images"),
+    "data": ("shapes", "'shapes' (built in, infinite) or a folder of captioned images "
+                       "(metadata.jsonl as Hugging Face's imagefolder, or NAME.txt)"),
     "preset": ("auto", "cpu | gpu | gpu-long | auto (gpu when CUDA is there); README: minutes"),
     "method": ("selfe", "selfe | fm (flow-matching baseline: s = t always, no self-evaluation)"),
     "renorm": (True, "energy-preserving target, Eq. 19 (off: the paper's 'w/o target norm')"),
@@ -58,6 +61,7 @@ CONFIG = {
     "text_encoder": ("default", "Hugging Face id or folder; 'default': all-MiniLM-L6-v2, offline"),
     "log_every": (25, "steps between progress updates and log.jsonl lines"),
     "sample_every": (1000, "steps between sample grids (EMA weights; 2, 4, 8, 50 steps)"),
+    "final_grid": (True, "a sample grid at the end of the run (--no-final-grid: none)"),
     "eval_every": (500, "steps between ShapesEval scores (small set, 2 and 8 steps); 0 = off"),
     "final_eval": ("medium", "ShapesEval set scored at 2, 4, 8 and 50 steps at the end: "
                              "small | medium | full | off"),
@@ -82,6 +86,13 @@ PRESETS = {
 CHOICES = {"preset": ["auto", *PRESETS], "method": ["selfe", "fm"], "model": list(MODELS),
            "final_eval": [*shapes.EVAL_SIZES, "off"]}
 MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop the run
+WARMUP_SHARE = 0.1  # the warm-up is at most this share of the run, so a short run reaches --lr
+# A resumed run keeps these: they define the model and what it learns. Other flags may change.
+IDENTITY = ("model", "res", "patch", "text_encoder", "text_len", "method", "data")
+
+
+def flag(key):
+    return "--" + key.replace("_", "-")
 
 
 def config_parser():
@@ -89,13 +100,13 @@ def config_parser():
     the flags given win over a preset and over a resumed run's config."""
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for k, v in {**DEFAULTS, **PRESETS["cpu"]}.items():
-        flag, helptext = "--" + k.replace("_", "-"), CONFIG[k][1] if k in CONFIG else "(preset)"
+        helptext = CONFIG[k][1] if k in CONFIG else "(preset)"
         if isinstance(v, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=helptext)
+            p.add_argument(flag(k), action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=helptext)
         else:
-            p.add_argument(flag, type=type(v), choices=CHOICES.get(k), default=argparse.SUPPRESS,
-                           help=helptext)
+            p.add_argument(flag(k), type=type(v), choices=CHOICES.get(k),
+                           default=argparse.SUPPRESS, help=helptext)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     return p
 
@@ -115,7 +126,8 @@ def finish_config(cfg, world, quiet=False):
          "--iters, --batch-size, --text-len and --res must be at least 1"),
         (cfg["batch_size"] % world == 0, f"--batch-size {cfg['batch_size']} (global) is not "
                                          f"divisible by {world} processes"),
-        (cfg["lr"] > 0 and cfg["clip"] > 0, "--lr and --clip must be positive"),
+        (cfg["lr"] > 0 and cfg["clip"] > 0 and cfg["warmup"] >= 0,
+         "--lr and --clip must be positive, --warmup at least 0"),
         (0 <= cfg["p_equal"] <= 1 and 0 <= cfg["p_null"] < 1,
          "--p-equal must lie in [0, 1], --p-null in [0, 1)"),
         (min(cfg["log_every"], cfg["ckpt_every"], cfg["sample_every"]) >= 1
@@ -126,6 +138,41 @@ def finish_config(cfg, world, quiet=False):
         if not ok:
             raise InputError(message)
     return cfg
+
+
+def resolve_paths(cfg):
+    """A folder given as --data or --text-encoder -> its absolute path, saved so that the run
+    resumes and samples from any directory."""
+    for k, builtin in (("data", "shapes"), ("text_encoder", "default")):
+        if cfg.get(k, builtin) != builtin and os.path.exists(cfg[k]):
+            cfg[k] = os.path.abspath(cfg[k])
+    return cfg
+
+
+def gone(value):
+    """True for a folder a run saved (an absolute path) that is not there any more."""
+    return isinstance(value, str) and os.path.isabs(value) and not os.path.exists(value)
+
+
+def resumed_config(saved, given, path, quiet=False):
+    """The saved run's config under the flags given with --resume. The flags of IDENTITY must
+    match (a saved folder that has moved may be given anew); any other change is printed."""
+    saved = resolve_paths(dict(saved))  # a checkpoint from before paths were saved absolute
+    for k, v in given.items():
+        old = saved.get(k, DEFAULTS.get(k))
+        if k == "out" or v == old:
+            continue
+        if k in IDENTITY and not gone(old):
+            keeps = ", ".join(map(flag, IDENTITY))
+            raise InputError(f"{flag(k)} {v} differs from the run's {old} ({path}): a resumed run "
+                             f"keeps its {keeps}; start a new --out to change them")
+        if not quiet:
+            print(f"overriding {k}: {old} -> {v}")
+    for k in ("data", "text_encoder"):
+        if k not in given and gone(saved[k]):
+            raise InputError(f"the run's {k.replace('_', ' ')} folder {saved[k]} is not there "
+                             f"any more: give its new place with {flag(k)}")
+    return {**DEFAULTS, **saved, **given}
 
 
 def setup_device(cfg, world):
@@ -140,11 +187,16 @@ def setup_device(cfg, world):
     return torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
+def warmup_steps(cfg):
+    return min(cfg["warmup"], int(WARMUP_SHARE * cfg["iters"]))
+
+
 def lr_at(step, cfg):
     """Linear warm-up, then linear decay to min_lr (paper)."""
-    if step < cfg["warmup"]:
-        return cfg["lr"] * (step + 1) / cfg["warmup"]
-    frac = (step - cfg["warmup"]) / max(1, cfg["iters"] - cfg["warmup"])
+    warmup = warmup_steps(cfg)
+    if step < warmup:
+        return cfg["lr"] * (step + 1) / warmup
+    frac = (step - warmup) / max(1, cfg["iters"] - warmup)
     return cfg["lr"] + frac * (cfg["min_lr"] - cfg["lr"])
 
 
@@ -173,17 +225,20 @@ def main(argv=None):
 
 def train(argv, interrupt):
     started = time.perf_counter()
-    given = vars(config_parser().parse_args(argv))
+    given = resolve_paths(vars(config_parser().parse_args(argv)))
     resume = given.pop("resume")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
-    ckpt_path = os.path.join(given.get("out", DEFAULTS["out"]), "ckpt.pt")
+    out = given.setdefault("out", DEFAULTS["out"])  # where the run is, even if it moved
+    ckpt_path = check_out(out, resume)
     ckpt = read_checkpoint(ckpt_path) if resume else None
     if ckpt and rank == 0:
         print(f"resuming {ckpt_path} at step {ckpt['step']}")
-    if not resume and os.path.exists(ckpt_path):
-        raise InputError(f"{ckpt_path} exists: add --resume to continue that run, or choose "
-                         f"another --out")
-    cfg = finish_config({**DEFAULTS, **(ckpt["config"] if ckpt else {}), **given}, world, rank > 0)
+    cfg = resumed_config(ckpt["config"], given, ckpt_path, rank > 0) if ckpt else {**DEFAULTS,
+                                                                                  **given}
+    cfg = finish_config(cfg, world, rank > 0)
+    if ckpt and cfg["iters"] <= ckpt["step"]:
+        raise InputError(f"{ckpt_path} is at step {ckpt['step']} and --iters is {cfg['iters']}: "
+                         f"nothing to train; give --iters above {ckpt['step']}")
     device = setup_device(cfg, world)
     data = shapes.TrainingData(cfg["res"]) if cfg["data"] == "shapes" else \
         FolderData(cfg["data"], cfg["res"], quiet=rank > 0)
@@ -217,6 +272,7 @@ def train(argv, interrupt):
         print(f"{cfg['method']} | model {cfg['model']} ({params:.2f}M params) | {cfg['res']}px "
               f"patch {cfg['patch']} | batch {cfg['batch_size']} ({world} process(es)) | "
               f"{cfg['iters']} iters | {device}")
+        print_notes(cfg, text, data.captions)
     if device.type == "cuda":  # a caption met mid-run would keep the GPU waiting for the encoder
         encode_ahead(text, data.captions, with_fake=aux_on(cfg["iters"] - 1, cfg))
 
@@ -280,13 +336,14 @@ def train(argv, interrupt):
         stop = interrupt.requested if world == 1 else (
             step % cfg["log_every"] == 0 and agree(interrupt.requested, device))
         save = rank == 0 and (step % cfg["ckpt_every"] == 0 or last or stop)
-        grid = rank == 0 and (step % cfg["sample_every"] == 0 or last)
+        grid = rank == 0 and (step % cfg["sample_every"] == 0 or last and cfg["final_grid"])
         score = rank == 0 and cfg["data"] == "shapes" and cfg["eval_every"] > 0 and (
             step % cfg["eval_every"] == 0 or last)
         with clock.off(save or grid or score):  # none of them is training time
             if save:
                 save_checkpoint(ckpt_path, model, ema, opt, step, cfg, text.dim,
                                 int(tally.skipped.item()))
+                export_ema(os.path.join(cfg["out"], "model"), ema, cfg, step, text.dim)
             if stop:
                 bar.close()
                 if rank == 0:
@@ -307,6 +364,32 @@ def train(argv, interrupt):
         print(f"done in {minutes(time.perf_counter() - started)}: {ckpt_path}, samples in "
               f"{os.path.join(cfg['out'], 'samples')}")
     return model
+
+
+def print_notes(cfg, text, captions):
+    """What a run does that its flags do not say: a capped warm-up, captions cut short."""
+    if warmup_steps(cfg) < cfg["warmup"]:
+        print(f"warm-up: {warmup_steps(cfg)} steps (--warmup {cfg['warmup']} is capped at "
+              f"{WARMUP_SHARE:.0%} of --iters {cfg['iters']})")
+    captions = list(dict.fromkeys(captions))
+    long = [n for n in text.count_tokens(captions) if n > text.max_len]
+    if long:
+        print(f"captions: {len(long)} of {len(captions)} are longer than --text-len "
+              f"{text.max_len} tokens and are cut (the longest: {max(long)} tokens)")
+
+
+def check_out(out, resume):
+    """-> the run's checkpoint path. A new run never writes into the folder of another, even one
+    that stopped before its first checkpoint (its log.jsonl)."""
+    ckpt_path, log = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
+    held = [os.path.basename(f) for f in (ckpt_path, log) if os.path.exists(f)]
+    if not resume and held:
+        raise InputError(f"{out} holds a run ({held[0]}): add --resume to continue it, or choose "
+                         f"another --out")
+    if resume and held == ["log.jsonl"]:
+        raise InputError(f"{ckpt_path} does not exist: the run in {out} stopped before its first "
+                         f"checkpoint; start it again with another --out")
+    return ckpt_path
 
 
 def fake_prompts(captions):
@@ -347,50 +430,78 @@ def load_image(path, res):
     return np.asarray(img.resize((res, res), Image.BICUBIC))
 
 
-def read_captions(root):
-    """{file name: caption} from root/metadata.jsonl (Hugging Face imagefolder) or NAME.txt."""
-    meta = os.path.join(root, "metadata.jsonl")
+def read_text(path):
+    """A text file as UTF-8 whatever the locale; a BOM (as Notepad writes) is dropped."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
+
+
+def read_metadata(path):
+    """metadata.jsonl (Hugging Face imagefolder) -> {file_name: caption}."""
     caps = {}
-    if os.path.exists(meta):
-        with open(meta) as f:
-            for i, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line) if line.strip() else None
-                    if row is not None:
-                        caps[row["file_name"]] = row["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise InputError(f"{meta}, line {i}: need a JSON object with 'file_name' and "
-                                     f"'text'") from None
-        return caps
-    for name in sorted(os.listdir(root)):
-        txt = os.path.join(root, os.path.splitext(name)[0] + ".txt")
-        if name.lower().endswith(IMAGE_EXTS) and os.path.exists(txt):
-            with open(txt, errors="replace") as f:
-                caps[name] = f.read().strip()
+    for i, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not {"file_name", "text"} <= set(row):
+            raise InputError(f"{path}, line {i}: need a JSON object with 'file_name' and 'text'")
+        for k in ("file_name", "text"):
+            if not isinstance(row[k], str):
+                raise InputError(f"{path}, line {i}: '{k}' must be a string, not "
+                                 f"{type(row[k]).__name__}")
+        caps[os.path.normpath(row["file_name"])] = row["text"].strip()
     return caps
+
+
+def scan_folder(root):
+    """-> (every image under root, as a path relative to it; {image: caption}). Captions come from
+    any metadata.jsonl (file_name relative to its own folder, subfolders allowed) or NAME.txt
+    beside NAME.png. Hidden folders are skipped."""
+    files, caps = [], {}
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        rel = os.path.relpath(folder, root)
+        files += [os.path.normpath(os.path.join(rel, n)) for n in names
+                  if n.lower().endswith(IMAGE_EXTS)]
+        if "metadata.jsonl" in names:
+            caps.update({os.path.normpath(os.path.join(rel, name)): text for name, text
+                         in read_metadata(os.path.join(folder, "metadata.jsonl")).items()})
+    for f in files:
+        txt = os.path.join(root, os.path.splitext(f)[0] + ".txt")
+        if f not in caps and os.path.exists(txt):
+            caps[f] = read_text(txt).strip()
+    return sorted(files), caps
 
 
 class FolderData:
     """A folder of captioned images, loaded once into memory at the training resolution. Images
-    without a caption and files that do not decode are skipped and counted; none left: an error."""
+    without a caption, with an empty one, and files that do not decode are skipped and counted;
+    none left: an error."""
 
     def __init__(self, root, res, quiet=False):
         if not os.path.isdir(root):
             raise InputError(f"--data {root}: no such folder (use 'shapes' for the built-in data)")
-        files = sorted(n for n in os.listdir(root) if n.lower().endswith(IMAGE_EXTS))
+        files, caps = scan_folder(root)
         if not files:
             raise InputError(f"--data {root}: no images in it ({', '.join(IMAGE_EXTS)})")
-        caps = read_captions(root)
         images, self.captions, broken = [], [], []
-        uncaptioned = [n for n in files if not caps.get(n)]
+        uncaptioned = [n for n in files if n not in caps]
+        empty = [n for n in files if caps.get(n) == ""]
         for name in tqdm([n for n in files if caps.get(n)], desc="images", disable=quiet):
             try:
                 images.append(load_image(os.path.join(root, name), res))
                 self.captions.append(caps[name])
             except Exception:  # PIL raises OSError, ValueError, SyntaxError, ... for damaged files
                 broken.append(name)
-        skipped = f"{len(uncaptioned)} without a caption, {len(broken)} unreadable" + (
-            f" (e.g. {(uncaptioned + broken)[0]})" if uncaptioned or broken else "")
+        skipped = (f"{len(uncaptioned)} without a caption, {len(empty)} with an empty one, "
+                   f"{len(broken)} unreadable") + (
+            f" (e.g. {(uncaptioned + empty + broken)[0]})" if uncaptioned + empty + broken else "")
         if not images:
             raise InputError(f"--data {root}: no usable images: {skipped}; captions go in "
                              f"metadata.jsonl or NAME.txt beside NAME.png")
@@ -493,7 +604,10 @@ class Clock:
 
 def step_flops(model, text_len, batch, jump_rows, fake):
     """FLOPs of a step on one process: the pass with gradient (forward + backward = 3 forwards) on
-    every row, the two no-grad judges on the jump rows, and their fake-score pass (grad) when on."""
+    every row, the two no-grad judges on the jump rows, and their fake-score pass (grad) when on.
+    None for a network without .flops (optional: the log then shows no MFU)."""
+    if not hasattr(model, "flops"):
+        return None
     return model.flops(text_len) * (3 * batch + 2 * jump_rows + (3 * jump_rows if fake else 0))
 
 
@@ -513,7 +627,7 @@ def speed(seconds, steps, flops, batch, device):
     out = {"ms_per_step": 1000 * seconds / steps, "img_per_s": batch * steps / seconds}
     if device.type == "cuda":
         peak = peak_flops(torch.cuda.get_device_name(device))
-        if peak:
+        if peak and flops:
             out["mfu"] = flops * steps / seconds / peak
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     else:  # the process's peak resident memory (Linux reports kB)

