@@ -347,7 +347,8 @@ class TextEncoder:
                                max_length=self.max_len, return_tensors="pt")
         states = self.model(**batch).last_hidden_state[0]  # (L, Dt)
         mask = batch["attention_mask"][0].bool()
-        return states, mask, states[mask].mean(0)  # pooled: the mean over real tokens
+        # pooled: the mean over real tokens; zeros where a tokenizer gives "" none (no [CLS], </s>)
+        return states, mask, states[mask].mean(0) if mask.any() else states.new_zeros(self.dim)
 
     def __call__(self, captions):
         rows = []

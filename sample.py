@@ -193,7 +193,8 @@ def main():
         t0 = time.perf_counter()
         images.update(generate(model, text, rows, [steps], args.seed, **sampler))
         seconds = time.perf_counter() - t0
-        print(f"{steps} step{'s' * (steps > 1)}: {len(rows)} images in {seconds:.2f} s "
+        print(f"{steps} step{'s' * (steps > 1)}: {len(rows)} image{'s' * (len(rows) > 1)} in "
+              f"{seconds:.2f} s "
               f"({len(rows) / seconds:.1f} images/s, {args.device})")
     shapes.save_grid(images, rows, os.path.join(args.out, "grid.png"))
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)

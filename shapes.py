@@ -443,9 +443,15 @@ def evaluate(draw, res, per_tag, seed=0, batch=96, progress=True):
             [rows[j]["prompt"] for j in firsts])
 
 
+JUDGED_RES = 32  # the judge is validated at 32 px and above (test_judge_validation_...)
+
+
 def report(draw, res, size, out, info, seed=0, progress=True):
     """ShapesEval at every step count draw makes -> results; writes OUT/results.json (info, the
     scores) and OUT/grid.png (the first image of each category)."""
+    if res < JUDGED_RES:
+        print(f"note: ShapesEval's judge is validated at {JUDGED_RES} px and above; at {res} px "
+              f"even an untrained model passes some of its rules")
     results, images, names = evaluate(draw, res, EVAL_SIZES[size], seed, progress=progress)
     save_grid(images, names, os.path.join(out, "grid.png"))
     with open(os.path.join(out, "results.json"), "w") as f:

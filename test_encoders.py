@@ -30,12 +30,14 @@ CLOSED_PORT = "http://127.0.0.1:9"  # discard: nothing listens there
 TINY = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer over VOCAB that wraps each caption in [CLS] ... [SEP]."""
+def tiny_tokenizer(special=True):
+    """A word-level tokenizer over VOCAB that wraps each caption in [CLS] ... [SEP] (special) or
+    adds nothing, so that "" has no token at all."""
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    if special:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
         sep_token="[SEP]", model_input_names=["input_ids", "attention_mask"])
@@ -119,6 +121,15 @@ def test_t5_and_clip_load_their_saved_text_encoder_alone(kind, loaded, prefix, t
     assert not [n for n in state if "decoder" in n or "vision" in n]
     assert all(torch.equal(state[n], saved[n]) for n in state if n in saved)
     assert len(set(state) - set(saved)) <= 1, set(state) - set(saved)  # T5's tied embedding
+
+
+def test_a_tokenizer_that_gives_the_empty_prompt_no_token_pools_zeros(tmp_path):
+    """Self-E trains on the empty prompt; a mean over no token would be NaN, every step."""
+    folder = encoder_folder(tmp_path, "t5")
+    tiny_tokenizer(special=False).save_pretrained(folder)
+    tokens, mask, pooled = model.TextEncoder(folder, max_len=8)(["", "a red circle"])
+    assert not mask[0].any() and torch.equal(pooled[0], torch.zeros(TEXT_DIM["t5"]))
+    assert torch.isfinite(tokens).all() and torch.isfinite(pooled).all()
 
 
 def test_count_tokens_counts_past_the_text_length(tmp_path):

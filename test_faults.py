@@ -184,8 +184,8 @@ def test_folder_report_and_a_bad_metadata_line(tmp_path, capsys):
     image_folder(root, ["a.png", "b.png"])
     Image.new("RGB", (8, 8)).save(root / "c.png")  # no caption
     train.FolderData(str(root), 8)
-    assert (f"data: 2 images from {root}; skipped 1 without a caption, 0 with an empty one, "
-            f"0 unreadable (e.g. c.png)" in capsys.readouterr().out)
+    assert (f"data: 2 images from {root}; skipped 1 without a caption (e.g. c.png), 0 with an "
+            f"empty one, 0 unreadable" in capsys.readouterr().out)
     with open(root / "metadata.jsonl", "w") as f:
         f.write('{"file_name": "a.png", "text": "a photo"}\nnot json\n')
     with pytest.raises(cli.InputError, match="line 2"):
@@ -229,11 +229,18 @@ def test_a_caption_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
         train.FolderData(root, 8)
 
 
+def test_no_usable_image_is_one_line_and_no_progress_bar(tmp_path, capsys):
+    root = image_folder(tmp_path / "data", ["a.png", "b.png"], caption=False)
+    with pytest.raises(cli.InputError, match="no usable images: 2 without a caption"):
+        train.FolderData(root, 8)
+    assert capsys.readouterr().err == ""  # the one line is the error's alone
+
+
 def test_empty_captions_are_counted_apart(tmp_path, capsys):
     root = image_folder(tmp_path / "data", ["a.png", "b.png", "c.png"])
     (tmp_path / "data" / "b.txt").write_text("  \n")
     train.FolderData(root, 8)
-    assert ("skipped 0 without a caption, 1 with an empty one, 0 unreadable (e.g. b.png)"
+    assert ("skipped 0 without a caption, 1 with an empty one (e.g. b.png), 0 unreadable"
             in capsys.readouterr().out)
 
 
@@ -242,10 +249,12 @@ def test_the_hugging_face_imagefolder_layout_with_subfolders(tmp_path, capsys):
     image_folder(root / "images", ["x.png", "y.png"], caption=False)
     image_folder(root / "train", ["z.png"], caption=False)
     (root / "metadata.jsonl").write_text('{"file_name": "images/x.png", "text": "an x"}\n'
-                                         '{"file_name": "images/y.png", "text": "a y"}\n')
+                                         '{"file_name": "images/y.png", "text": "a y"}\n'
+                                         '{"file_name": "images/gone.png", "text": "gone"}\n')
     (root / "train" / "metadata.jsonl").write_text('{"file_name": "z.png", "text": "a z"}\n')
     data = train.FolderData(str(root), 8)
     assert data.captions == ["an x", "a y", "a z"] and len(data.images) == 3
+    assert "; 1 captions name no image here (e.g. images/gone.png)" in capsys.readouterr().out
 
 
 def test_long_captions_are_reported_once_and_grid_labels_cut(tmp_path, capsys):
@@ -534,13 +543,23 @@ def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     train.main(["--out", out, *RUN, "--iters", "4"])
     before = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     monkeypatch.setattr(selfe, "selfe_loss", faulty_loss(lambda k: True))
-    with pytest.raises(SystemExit, match="10 steps in a row had a non-finite"):
+    with pytest.raises(SystemExit, match="10 steps in a row had a non-finite.*holds the last "
+                                         "good weights: --resume with a lower --lr"):
         train.main(["--out", out, "--resume", "--iters", "40", "--ckpt-every", "1"])
     after = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     # saved before the tenth; the tenth stopped the run
     assert after["skipped"] == 9 and after["step"] == 13
     # no update got in
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_its_first_checkpoint_says_there_is_none(tmp_path, monkeypatch,
+                                                                       capsys):
+    monkeypatch.setattr(selfe, "selfe_loss", faulty_loss(lambda k: True))
+    with pytest.raises(SystemExit, match="no checkpoint yet: start again with a lower --lr"):
+        train.main(["--out", str(tmp_path / "run"), *RUN, "--iters", "40"])
+    assert capsys.readouterr().err.endswith("\n")  # the progress bar ended its line first
 
 
 def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):

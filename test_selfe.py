@@ -594,6 +594,15 @@ def test_judge_validation_oracle_robustness_chance_floor(res):
     assert rows["shuffled prompts"]["overall"] < 0.6  # an image does not pass for another prompt
 
 
+@pytest.mark.slow
+def test_shapeseval_below_the_judged_resolution_says_so(tmp_path, capsys):
+    def draw(prompts, seed):
+        return {2: torch.zeros(len(prompts), 3, 16, 16)}
+    shapes.report(draw, 16, "small", str(tmp_path), {}, progress=False)
+    assert "note: ShapesEval's judge is validated at 32 px and above; at 16 px" in (
+        capsys.readouterr().out)
+
+
 def test_frechet_distance_by_hand():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4000, len(shapes.FEATURES))) * shapes.UNITS

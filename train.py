@@ -318,10 +318,12 @@ def train(argv, interrupt):
         # Everything else: the log, checkpoints, grids, evaluations, Ctrl-C
         if step % cfg["log_every"] == 0 or last:
             if tally.worst.item() >= MAX_BAD_STEPS:
+                bar.close()  # the error on a line of its own
+                saved = (f"{ckpt_path} holds the last good weights: --resume" if
+                         os.path.exists(ckpt_path) else "no checkpoint yet: start again")
                 raise SystemExit(f"error: {int(tally.worst.item())} steps in a row had a "
                                  f"non-finite loss or gradient (by step {step}); stopped. "
-                                 f"{ckpt_path} holds the last good weights: --resume with a lower "
-                                 f"--lr or --clip")
+                                 f"{saved} with a lower --lr or --clip")
             seconds, timed = clock.lap()
             flops = step_flops(model, cfg["text_len"], batch, stats["jump_rows"], fake is not None)
             fig = speed(seconds, timed, flops, cfg["batch_size"], device) if timed else {}
@@ -493,15 +495,20 @@ class FolderData:
         images, self.captions, broken = [], [], []
         uncaptioned = [n for n in files if n not in caps]
         empty = [n for n in files if caps.get(n) == ""]
-        for name in tqdm([n for n in files if caps.get(n)], desc="images", disable=quiet):
+        captioned = [n for n in files if caps.get(n)]
+        for name in tqdm(captioned, desc="images", disable=quiet or not captioned):
             try:
                 images.append(load_image(os.path.join(root, name), res))
                 self.captions.append(caps[name])
             except Exception:  # PIL raises OSError, ValueError, SyntaxError, ... for damaged files
                 broken.append(name)
-        skipped = (f"{len(uncaptioned)} without a caption, {len(empty)} with an empty one, "
-                   f"{len(broken)} unreadable") + (
-            f" (e.g. {(uncaptioned + empty + broken)[0]})" if uncaptioned + empty + broken else "")
+        unmatched = sorted(set(caps) - set(files))
+        skipped = ", ".join(f"{len(names)} {why}" + (f" (e.g. {names[0]})" if names else "")
+                            for names, why in ((uncaptioned, "without a caption"),
+                                               (empty, "with an empty one"),
+                                               (broken, "unreadable"))) + (
+            f"; {len(unmatched)} captions name no image here (e.g. {unmatched[0]})"
+            if unmatched else "")
         if not images:
             raise InputError(f"--data {root}: no usable images: {skipped}; captions go in "
                              f"metadata.jsonl or NAME.txt beside NAME.png")
