@@ -53,8 +53,9 @@ else
   SAMPLES=256
 fi
 OUT=$(realpath -m "$OUT")
-if [ -e "$OUT" ] && [ ! -f "$OUT/check.log" ]; then  # a rerun replaces an earlier check only
-  echo "error: --out $OUT exists and holds no earlier check (check.log); choose another --out" >&2
+# a rerun replaces an earlier check or an empty folder, nothing else
+if [ -e "$OUT" ] && [ ! -f "$OUT/check.log" ] && [ -n "$(ls -A "$OUT" 2>/dev/null || echo x)" ]; then
+  echo "error: --out $OUT holds files but no earlier check (check.log); choose another --out" >&2
   exit 2
 fi
 cd "$(dirname "$0")"

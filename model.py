@@ -16,11 +16,15 @@ import urllib.parse
 import urllib.request
 from collections import OrderedDict
 
+import numpy as np
 import safetensors.torch
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
 
 import selfe
 from cli import InputError
@@ -115,8 +119,10 @@ class DiT(nn.Module):
     e = MLP_t(t) + MLP_gap(t - s) (appendix) plus a pooled text vector (ours) drives every adaLN;
     the text tokens join the image tokens in attention (as FLUX)."""
 
-    def __init__(self, res=32, patch=4, channels=3, dim=128, depth=4, heads=4, text_dim=384):
+    def __init__(self, res=32, patch=4, channels=3, dim=128, depth=4, heads=4, text_dim=384,
+                 act_ckpt=False):
         super().__init__()
+        self.act_ckpt = act_ckpt  # recompute each block in the backward pass instead of keeping
         assert res % patch == 0, f"resolution {res} is not divisible by patch size {patch}"
         self.res, self.patch, self.channels, self.dim = res, patch, channels, dim
         self.text_dim = text_dim
@@ -165,13 +171,17 @@ class DiT(nn.Module):
     def forward(self, x, t, s, cond):
         tokens, mask, pooled = cond  # (B, L, Dt), (B, L) bool, (B, Dt)
         B, C, H, W = x.shape
-        img = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, D)
+        img = self.x_embed(x).flatten(2).transpose(1, 2)  # (B, T, D)
+        img = img + self.pos.to(img.dtype)  # under autocast the stream stays in bf16
         txt = self.txt_embed(tokens)  # (B, L, D)
         e = self.t_embed(t) + self.gap_embed(t - s) + self.pool_embed(pooled)  # (B, D)
         h = torch.cat([txt, img], dim=1)  # (B, L + T, D)
         keep = torch.cat([mask, mask.new_ones(B, img.shape[1])], dim=1)[:, None, None, :]
-        for blk in self.blocks:
-            h = blk(h, e, keep)  # padding tokens are never attended
+        for blk in self.blocks:  # padding tokens are never attended
+            if self.act_ckpt and torch.is_grad_enabled():  # keeps h alone: less memory, +1 forward
+                h = torch.utils.checkpoint.checkpoint(blk, h, e, keep, use_reentrant=False)
+            else:
+                h = blk(h, e, keep)
         out = self.final(h[:, txt.shape[1]:], e)  # image tokens only, (B, T, p*p*C)
         return self.unpatchify(out, H // self.patch, W // self.patch)
 
@@ -190,7 +200,8 @@ def build_model(cfg, text_dim):
     cond = (tokens (B, L, Dt), mask (B, L) bool, pooled (B, Dt)) from the TextEncoder; attributes
     res and channels (sampling reads them); optionally flops(text_len), the forward FLOPs of one
     image, for the log's MFU (without it the log shows none)."""
-    return DiT(res=cfg["res"], patch=cfg["patch"], text_dim=text_dim, **MODELS[cfg["model"]])
+    return DiT(res=cfg["res"], patch=cfg["patch"], text_dim=text_dim,
+               act_ckpt=cfg.get("act_ckpt", False), **MODELS[cfg["model"]])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -208,6 +219,8 @@ SUPPORTED = (f"BERT-like encoders ({', '.join(BERT_LIKE)}), T5 encoders (t5, mt5
 # Their position ids start after the pad id: roberta-base's 514 positions hold 512 tokens
 PAD_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
 HUB_ID = r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?"  # 'name' or 'org/name'
+ENCODE_BATCH = 256  # captions encoded at once by TextTable
+TABLE_BUDGET = 8 * 2**30  # bytes of token states TextTable keeps on the device; more: a file
 
 
 def resolve_text_encoder(name):
@@ -332,7 +345,8 @@ class TextEncoder:
         # float32 whatever the saved dtype (a half-precision copy would load as float16)
         self.model = load_pretrained(name, cls, path, local, dtype=torch.float32)
         self.model.eval().requires_grad_(False)
-        self.dim, self.max_len, self.device = self.model.config.hidden_size, max_len, device
+        self.name, self.dim = name, self.model.config.hidden_size
+        self.max_len, self.device = max_len, device
         self.cache, self.cache_size = OrderedDict(), cache_size
 
     def count_tokens(self, captions):
@@ -341,25 +355,84 @@ class TextEncoder:
         return [len(row) for row in ids["input_ids"]]
 
     @torch.no_grad()
-    def encode(self, caption):
-        """One caption -> (tokens (L, Dt), mask (L,), pooled (Dt,))."""
-        batch = self.tokenizer([caption], padding="max_length", truncation=True,
-                               max_length=self.max_len, return_tensors="pt")
-        states = self.model(**batch).last_hidden_state[0]  # (L, Dt)
-        mask = batch["attention_mask"][0].bool()
+    def encode(self, captions):
+        """Captions -> (tokens (B, L, Dt), mask (B, L), pooled (B, Dt)) on the encoder's device."""
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                               max_length=self.max_len, return_tensors="pt").to(device)
+        states = self.model(**batch).last_hidden_state  # (B, L, Dt)
+        mask = batch["attention_mask"].bool()
         # pooled: the mean over real tokens; zeros where a tokenizer gives "" none (no [CLS], </s>)
-        return states, mask, states[mask].mean(0) if mask.any() else states.new_zeros(self.dim)
+        pooled = torch.stack([s[k].mean(0) if k.any() else s.new_zeros(self.dim)
+                              for s, k in zip(states, mask)])
+        return states, mask, pooled
 
     def __call__(self, captions):
         rows = []
         for c in captions:
             if c not in self.cache:
-                self.cache[c] = tuple(part.to(self.device) for part in self.encode(c))
+                self.cache[c] = tuple(part[0].to(self.device) for part in self.encode([c]))
                 if len(self.cache) > self.cache_size:
                     self.cache.popitem(last=False)  # the least recently used
             self.cache.move_to_end(c)
             rows.append(self.cache[c])
         return tuple(torch.stack(part) for part in zip(*rows))
+
+
+class TextTable:
+    """Every caption a run can meet (and, with fake=True, its fake prompt), encoded once before
+    training, so that a step spends no time on text: the data workers turn captions into row ids,
+    the step gathers the rows. Captions are sorted and encoded ENCODE_BATCH at a time on the
+    training device, the fake prompts after them in batches of their own: a row's last bits may
+    depend on its batch-mates, and fixed batches give a resumed run the same bits. Kept on the
+    device in `dtype` (float16 when training runs in bf16, which rounds them further anyway); past
+    TABLE_BUDGET bytes the token states go to folder/text_tokens.npy instead (the first process
+    writes it), from which each step reads its rows."""
+
+    def __init__(self, text, captions, fake=False, dtype=torch.float32, folder="."):
+        self.captions = sorted(set(captions))
+        self.row = {c: i for i, c in enumerate(self.captions)}  # caption -> row id
+        prompts = self.captions + (selfe.fake_prompts(self.captions) if fake else [])
+        n, L, device = len(prompts), text.max_len, text.device
+        self.on_file = n * L * text.dim * dtype.itemsize > TABLE_BUDGET
+        writer = not dist.is_initialized() or dist.get_rank() == 0
+        path = os.path.join(folder, "text_tokens.npy")
+        if not self.on_file:
+            self.tokens = torch.empty(n, L, text.dim, dtype=dtype, device=device)
+        elif writer:
+            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+            self.tokens = np.lib.format.open_memmap(path, "w+", np_dtype, (n, L, text.dim))
+        self.mask = torch.empty(n, L, dtype=torch.bool, device=device)
+        self.pooled = torch.empty(n, text.dim, dtype=dtype, device=device)
+        m = len(self.captions)  # rows [m, n): the fake prompts
+        text.model.to(device)
+        for i in tqdm([*range(0, m, ENCODE_BATCH), *range(m, n, ENCODE_BATCH)], delay=3,
+                      desc="encoding captions", disable=not writer):  # a bar after 3 s
+            j = min(i + ENCODE_BATCH, m if i < m else n)
+            states, mask, pooled = text.encode(prompts[i:j])
+            states, self.mask[i:j], self.pooled[i:j] = states.to(dtype), mask, pooled
+            if not states.isfinite().all():
+                raise InputError(f"text encoder {text.name!r}: its outputs overflow {dtype}; "
+                                 f"train without --bf16")
+            if writer:
+                self.tokens[i:j] = states.cpu().numpy() if self.on_file else states
+        text.model.to("cpu")  # the prompts met later (grids, sampling) are encoded on the CPU
+        if self.on_file:
+            if writer:
+                self.tokens.flush()
+            if dist.is_initialized():
+                dist.barrier()
+            self.tokens = np.load(path, mmap_mode="r")
+
+    def __call__(self, ids, fake=False):
+        """(B,) row ids of captions -> the condition of those captions, or of their fake prompts:
+        (tokens (B, L, Dt), mask (B, L), pooled (B, Dt)), float32 on the device."""
+        ids = ids + len(self.captions) * fake
+        dev = self.mask.device
+        tokens = torch.from_numpy(self.tokens[ids.numpy()]) if self.on_file else \
+            self.tokens[ids.to(dev)]
+        ids = ids.to(dev)
+        return tokens.to(dev).float(), self.mask[ids], self.pooled[ids].float()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -493,6 +566,11 @@ def load_checkpoint(path, device="cpu"):
 
 # -------------------------------------------------------------------------------------------------
 # 4. Images from a model
+
+
+def allow_tf32():
+    """TF32 for float32 matrix products on a CUDA GPU, in training and sampling alike."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 @torch.no_grad()

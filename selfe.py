@@ -69,6 +69,11 @@ def null_rows(B, m, p_null, null_any_s, device=None):
     return (torch.arange(B, device=device) >= m) & (u < p_null * B / max(1, B - m))
 
 
+def fake_prompts(captions):
+    """The appendix's prompt for the model's own samples, which the fake-score term learns."""
+    return [c + " fake image" for c in captions]
+
+
 def lambda_st(t, s):
     """Eq. 17: sigma_t / alpha_t - sigma_s / alpha_s, the self-evaluation weight; 0 when s = t."""
     return t / (1 - t) - s / (1 - s)
@@ -102,8 +107,10 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, fm=False, tau=
     target, aux = x0, x0.new_zeros(1)  # rows with s = t learn the data alone: flow matching
     if m > 0:  # the model judges its own jumps; on rows [0, m) only, since lam = 0 elsewhere
         x0_sg, t_m, s_m, x0_m = x0_hat[:m].detach(), t[:m], s[:m], x0[:m]
-        with torch.no_grad():  # re-noise the jump's answer to s with fresh noise, then ask the
-            x_s = add_noise(x0_sg, s_m, torch.randn_like(x0_sg))  # model as a plain FM model
+        # re-noise the jump's answer to s with fresh noise, then ask the model as a plain FM
+        # model; in float32 under bf16 autocast, which scrambles G_u - G_c's direction (results/)
+        with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
+            x_s = add_noise(x0_sg, s_m, torch.randn_like(x0_sg))
             judge = net if eval_net is None else eval_net
             G_c = G(judge, x_s, s_m, s_m, each(lambda c: c[:m], cond))
             G_u = G(net, x_s, s_m, s_m, each(lambda c: c[:m], null))

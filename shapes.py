@@ -162,8 +162,9 @@ def render(objs, res, supersample=4):
 
 
 def to_model(images):
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1], what the model trains on."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    """(N, H, W, 3) uint8 (array or tensor, on any device) -> (N, 3, H, W) float in [-1, 1], what
+    the model trains on."""
+    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def to_pixels(x):
@@ -180,9 +181,10 @@ class TrainingData:
         self.captions = all_prompts()  # every caption a batch can hold
 
     def batch(self, n, rng):
+        """-> ((n, res, res, 3) uint8 images, their n captions)."""
         metas = [random_prompt(rng) for _ in range(n)]
         images = np.stack([render(scene_for(m, rng), self.res) for m in metas])
-        return to_model(images), [m["prompt"] for m in metas]
+        return images, [m["prompt"] for m in metas]
 
 
 # -------------------------------------------------------------------------------------------------

@@ -176,7 +176,8 @@ def test_odd_images_are_converted_and_bad_files_skipped_and_counted(tmp_path, ca
     assert np.all(by_name["tiny.png"] == [255, 0, 0]) and np.all(by_name["gray.png"] == 200)
     assert np.all(by_name["pal.png"] == [0, 0, 255])
     x, caps = folder.batch(5, np.random.default_rng(0))
-    assert x.shape == (5, 3, 8, 8) and all(c.startswith("a photo of") for c in caps)
+    assert x.shape == (5, 8, 8, 3) and x.dtype == np.uint8  # scaled on the training device
+    assert all(c.startswith("a photo of") for c in caps)
 
 
 def test_folder_report_and_a_bad_metadata_line(tmp_path, capsys):
@@ -465,6 +466,48 @@ def test_ctrl_c_and_sigterm_save_and_resume_is_bit_exact(reference, tmp_path):
     with open(os.path.join(out, "log.jsonl")) as f:
         logged = [json.loads(line)["step"] for line in f]
     assert logged == list(range(1, 121))  # the step count went on where it stopped
+
+
+def start_session(out, *extra):
+    """train.py with two data workers in a session of its own, as timeout, torchrun and schedulers
+    start it: a signal to its process group reaches the workers too."""
+    return subprocess.Popen([sys.executable, "train.py", "--out", out, *RUN, "--workers", "2",
+                             *extra], cwd=HERE, env={**ENV, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.gpu_path
+def test_a_stop_signal_to_the_group_with_data_workers_saves_and_resumes_bit_exact(reference,
+                                                                                tmp_path):
+    out = str(tmp_path / "run")
+    for sig, extra in ((signal.SIGTERM, ()), (signal.SIGINT, ("--resume",))):
+        proc = start_session(out, *extra)
+        wait_for(out, proc, last_step(out) + 10)
+        os.killpg(proc.pid, sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "interrupted at step" in stdout, stderr[-2000:]
+        assert "Traceback" not in stderr and "Error" not in stderr, stderr[-2000:]
+    assert_same_state(finish(out, "--resume"), reference)  # workers render the same batches
+
+
+@pytest.mark.slow
+@pytest.mark.gpu_path
+def test_a_data_worker_that_dies_is_one_line_naming_the_last_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    proc = start_session(out, "--ckpt-every", "5")
+    wait_for(out, proc, 12)
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        os.kill(int(f.read().split()[0]), signal.SIGKILL)  # as the out-of-memory killer would
+    _, stderr = proc.communicate(timeout=120)
+    ckpt = model.read_checkpoint(os.path.join(out, "ckpt.pt"))  # whole and loadable
+    last = stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert last.startswith("error: a data worker died (DataLoader worker (pid ") and last.endswith(
+        f"is killed by signal: Killed; out of memory?); the last checkpoint, {out}/ckpt.pt, is at "
+        f"step {ckpt['step']}: continue with --resume --out {out}"), last
+    assert ckpt["step"] >= 10 and ckpt["step"] % 5 == 0
 
 
 @pytest.mark.slow

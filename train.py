@@ -21,6 +21,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -33,8 +34,8 @@ from tqdm import tqdm
 import selfe
 import shapes
 from cli import InputError, Parser, check_writable, run_cli
-from model import (MODELS, TextEncoder, build_model, export_ema, generate, load_weights,
-                   read_checkpoint, save_checkpoint)
+from model import (MODELS, TextEncoder, TextTable, allow_tf32, build_model, export_ema,
+                   generate, load_weights, read_checkpoint, save_checkpoint)
 
 # -------------------------------------------------------------------------------------------------
 # Config: plain defaults, each with its help. None: the preset gives it.
@@ -74,14 +75,16 @@ PRESETS = {
     # warm-up 100 (the paper: 1k of 710k); the fake-score term never on (measured: results/);
     # workers 0: both cores are busy with the step
     "cpu": dict(model="tiny", res=32, patch=4, text_len=16, batch_size=32, iters=2600, lr=1e-3,
-                warmup=100, aux_start=1.0, compile=False, bf16=False, workers=0),
+                warmup=100, aux_start=1.0, compile=False, bf16=False, workers=0, act_ckpt=False),
     # minutes on one GPU, sized by FLOPs; iterations and lr to be set by a measured run.
     # workers: processes that render batches ahead of the GPU
     "gpu": dict(model="small", res=32, patch=2, text_len=16, batch_size=256, iters=2000, lr=5e-4,
-                warmup=100, aux_start=0.77, compile=True, bf16=True, workers=12),
-    # hours: 64 px, room for longer captions, the paper's warm-up
+                warmup=100, aux_start=0.77, compile=True, bf16=True, workers=12, act_ckpt=False),
+    # hours: 64 px, room for longer captions, the paper's warm-up. act_ckpt: without it a step
+    # needs an estimated 81 GB, 122 GB with the fake-score pass (the start-up line says)
     "gpu-long": dict(model="small", res=64, patch=2, text_len=64, batch_size=256, iters=50000,
-                     lr=3e-4, warmup=1000, aux_start=0.77, compile=True, bf16=True, workers=12),
+                     lr=3e-4, warmup=1000, aux_start=0.77, compile=True, bf16=True, workers=12,
+                     act_ckpt=True),
 }
 CHOICES = {"preset": ["auto", *PRESETS], "method": ["selfe", "fm"], "model": list(MODELS),
            "final_eval": [*shapes.EVAL_SIZES, "off"]}
@@ -183,7 +186,7 @@ def setup_device(cfg, world):
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(local)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        allow_tf32()
     return torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
@@ -217,6 +220,12 @@ def main(argv=None):
     interrupt = Interrupt()
     try:
         return train(sys.argv[1:] if argv is None else argv, interrupt)
+    except RuntimeError as e:  # torch's words when a data worker dies (killed, out of memory)
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        why = str(e).strip().rstrip(".")
+        raise SystemExit(f"error: a data worker died ({why}; out of memory?); "
+                         f"{interrupt.last_save}") from None
     finally:
         interrupt.restore()
         if dist.is_initialized():
@@ -231,6 +240,7 @@ def train(argv, interrupt):
     out = given.setdefault("out", DEFAULTS["out"])  # where the run is, even if it moved
     ckpt_path = check_out(out, resume)
     ckpt = read_checkpoint(ckpt_path) if resume else None
+    interrupt.saved(ckpt_path, ckpt["step"] if ckpt else None, out)
     if ckpt and rank == 0:
         print(f"resuming {ckpt_path} at step {ckpt['step']}")
     cfg = resumed_config(ckpt["config"], given, ckpt_path, rank > 0) if ckpt else {**DEFAULTS,
@@ -265,7 +275,7 @@ def train(argv, interrupt):
                                                         broadcast_buffers=False)
     autocast = torch.autocast(device.type, torch.bfloat16) if cfg["bf16"] else nullcontext()
     batch = cfg["batch_size"] // world  # per process
-    null, null_fake = text([""] * batch), text(fake_prompts([""] * batch))
+    null, null_fake = text([""] * batch), text(selfe.fake_prompts([""] * batch))
     if rank == 0:  # only now that every input has been read: bad input leaves no folder behind
         check_writable(os.path.join(cfg["out"], "samples"))
         params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -273,22 +283,27 @@ def train(argv, interrupt):
               f"patch {cfg['patch']} | batch {cfg['batch_size']} ({world} process(es)) | "
               f"{cfg['iters']} iters | {device}")
         print_notes(cfg, text, data.captions)
-    if device.type == "cuda":  # a caption met mid-run would keep the GPU waiting for the encoder
-        encode_ahead(text, data.captions, with_fake=aux_on(cfg["iters"] - 1, cfg))
+        with torch.random.fork_rng(devices=[]):  # the run's random numbers stay as they were
+            memory = memory_estimate(cfg, text.dim, batch)
+        print(f"memory: about {memory[False] / 1e9:.2f} GB a step, {memory[True] / 1e9:.2f} GB "
+              f"with the fake-score pass (estimated per process: weights, gradients, Adam, EMA "
+              f"and saved activations; --act-ckpt {'on' if cfg['act_ckpt'] else 'off'})")
+    table = TextTable(text, data.captions, fake=aux_on(cfg["iters"] - 1, cfg),
+                      dtype=torch.float16 if cfg["bf16"] else torch.float32, folder=cfg["out"])
 
     log = open_log(os.path.join(cfg["out"], "log.jsonl")) if rank == 0 else None
-    batches = loader(Batches(data, batch, cfg["seed"], rank), range(step, cfg["iters"]),
-                     cfg["workers"], pin=device.type == "cuda")
+    batches = loader(Batches(data, batch, cfg["seed"], rank, table.row),
+                     range(step, cfg["iters"]), cfg["workers"], pin=device.type == "cuda")
     bar = tqdm(total=cfg["iters"], initial=step, desc="train", dynamic_ncols=True, disable=rank > 0)
     tally, clock = Tally(device, ckpt["skipped"] if ckpt else 0), Clock(device)
     # the steps where torch.compile builds graphs: the first of this process and the first with
     # the fake-score term. Their time is compilation, kept out of the speed figures.
     builds = {step, next((k for k in range(step, cfg["iters"]) if aux_on(k, cfg)), None)}
-    for x0, captions in batches:
+    for images, rows in batches:
         # One optimiser step: batch -> loss -> backward -> clip -> Adam -> EMA, no host sync.
         with clock.off(step in builds):
-            x0, cond = x0.to(device, non_blocking=True), text(captions)
-            fake = text(fake_prompts(captions)) if aux_on(step, cfg) else None
+            x0 = shapes.to_model(images.to(device, non_blocking=True))  # (B, 3, H, W) in [-1, 1]
+            cond, fake = table(rows), table(rows, fake=True) if aux_on(step, cfg) else None
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             torch.manual_seed(step_seed(cfg["seed"], rank, step))  # this step's times and noise
@@ -346,6 +361,7 @@ def train(argv, interrupt):
                 save_checkpoint(ckpt_path, model, ema, opt, step, cfg, text.dim,
                                 int(tally.skipped.item()))
                 export_ema(os.path.join(cfg["out"], "model"), ema, cfg, step, text.dim)
+                interrupt.saved(ckpt_path, step, cfg["out"])
             if stop:
                 bar.close()
                 if rank == 0:
@@ -392,19 +408,6 @@ def check_out(out, resume):
         raise InputError(f"{ckpt_path} does not exist: the run in {out} stopped before its first "
                          f"checkpoint; start it again with another --out")
     return ckpt_path
-
-
-def fake_prompts(captions):
-    return [c + " fake image" for c in captions]  # the appendix's prompt for the model's samples
-
-
-def encode_ahead(text, captions, with_fake):
-    """Encode every caption a run can meet (and its fake prompt, when that term comes on), unless
-    there are more than the cache holds: those are encoded as they come."""
-    captions = list(dict.fromkeys(captions))
-    captions += fake_prompts(captions) if with_fake else []
-    if len(captions) < text.cache_size:
-        text(captions)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -517,8 +520,9 @@ class FolderData:
         self.images = np.stack(images)  # (N, res, res, 3) uint8
 
     def batch(self, n, rng):
+        """-> ((n, res, res, 3) uint8 images, their n captions)."""
         idx = rng.integers(len(self.images), size=n)
-        return shapes.to_model(self.images[idx]), [self.captions[i] for i in idx]
+        return self.images[idx], [self.captions[i] for i in idx]
 
 
 def step_seed(seed, rank, step):
@@ -527,20 +531,42 @@ def step_seed(seed, rank, step):
 
 
 class Batches(torch.utils.data.Dataset):
-    """Item k is the batch of step k, so DataLoader workers may render ahead in any order."""
+    """Item k is the batch of step k, so DataLoader workers may render ahead in any order: uint8
+    images (B, res, res, 3) (a quarter of float32's bytes in shared memory) and their captions' row
+    ids in a TextTable, `rows`."""
 
-    def __init__(self, data, batch_size, seed, rank):
+    def __init__(self, data, batch_size, seed, rank, rows):
         self.data, self.batch_size, self.seed, self.rank = data, batch_size, seed, rank
+        self.rows = rows
 
     def __getitem__(self, step):
         rng = np.random.default_rng(step_seed(self.seed, self.rank, step))
-        return self.data.batch(self.batch_size, rng)
+        images, captions = self.data.batch(self.batch_size, rng)
+        return torch.from_numpy(images), torch.tensor([self.rows[c] for c in captions])
 
 
 def loader(batches, steps, workers, pin):
     """The batches of these steps, in order; workers > 0 render them ahead in other processes."""
     return torch.utils.data.DataLoader(batches, batch_size=None, sampler=steps, num_workers=workers,
-                                       pin_memory=pin, prefetch_factor=4 if workers else None)
+                                       pin_memory=pin, prefetch_factor=4 if workers else None,
+                                       worker_init_fn=shield_worker)
+
+
+def shield_worker(worker_id):
+    """Runs in each data worker as it starts. A stop signal sent to the whole process group
+    (Ctrl-C, timeout, torchrun, a scheduler) is for the main process, which finishes its step,
+    saves, then closes its workers: a worker ignores SIGINT, and SIGTERM from anyone but the main
+    process (whose SIGTERM ends a worker that does not stop when asked)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no way to tell who sent a signal
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # kept for the thread below
+
+    def wait_for_the_main_process():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+            pass
+        os._exit(0)
+    threading.Thread(target=wait_for_the_main_process, daemon=True).start()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -616,6 +642,66 @@ def step_flops(model, text_len, batch, jump_rows, fake):
     if not hasattr(model, "flops"):
         return None
     return model.flops(text_len) * (3 * batch + 2 * jump_rows + (3 * jump_rows if fake else 0))
+
+
+def saved_bytes(run, rows, weights):
+    """Bytes autograd keeps for the backward pass of run(rows), a forward pass on `rows` rows on
+    the CPU: every tensor it saves, each storage once, those in `weights` (counted apart) not."""
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(rows)
+    return sum(saved.values())
+
+
+def memory_estimate(cfg, text_dim, batch):
+    """-> {fake: bytes} for fake False and True: the estimated peak memory of one process's step
+    on `batch` rows, without and with the fake-score pass. Weights, their gradients, Adam's two
+    moments and the EMA (5 float32 copies of the weights), plus the activations autograd saves,
+    measured on the CPU at 2 and 4 rows and scaled linearly to the batch. With act_ckpt the
+    blocks keep their input alone, and one block's activations live again while the backward pass
+    recomputes it."""
+    net = build_model(cfg, text_dim)  # a CPU copy: sizes, not values, matter
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    L, res, fm = cfg["text_len"], cfg["res"], cfg["method"] == "fm"
+    dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=cfg["bf16"])
+
+    def cond(n):
+        return (torch.randn(n, L, text_dim), torch.ones(n, L, dtype=torch.bool),
+                torch.randn(n, text_dim))
+
+    def step(rows, fake):
+        with autocast:
+            selfe.selfe_loss(net, torch.randn(rows, 3, res, res), cond(rows), cond(rows),
+                             cond(rows) if fake else None, cond(rows), fm=fm,
+                             p_equal=cfg["p_equal"])
+
+    def scaled(run, rows):  # the saved bytes of run at `rows`, from those at 2 and 4
+        two, four = (saved_bytes(run, n, weights) for n in (2, 4))
+        return two + (four - two) / 2 * (rows - 2)
+
+    static = 5 * 4 * sum(p.numel() for p in net.parameters())  # 5 float32 copies
+    out = {fake: static + scaled(lambda n: step(n, fake), batch) for fake in (False, True)}
+    if getattr(net, "act_ckpt", False):  # a DiT's blocks
+        N = L + (res // cfg["patch"]) ** 2  # tokens in the stream
+
+        def block(rows):
+            with autocast:
+                net.blocks[0](torch.randn(rows, N, net.dim, dtype=dtype),
+                              torch.randn(rows, net.dim), torch.ones(rows, 1, 1, N, dtype=bool))
+        m = 0 if fm else round((1 - cfg["p_equal"]) * batch)  # the fake pass's rows
+        for fake in (False, True):
+            rows = batch + m * fake  # the rows of the passes with gradient
+            kept = len(net.blocks) * rows * N * net.dim * dtype.itemsize  # each block's input
+            out[fake] += kept + scaled(block, rows)
+    return out
 
 
 # Dense bf16 peaks (datasheets), for MFU. The first key the device name contains wins.
@@ -728,12 +814,19 @@ def agree(flag, device):
 class Interrupt:
     """Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a second one stops
     at once, and so does the first once at_once is set (the final evaluation). Stopping at once
-    raises KeyboardInterrupt. restore() puts the previous handlers back (notebooks, tests)."""
+    raises KeyboardInterrupt. restore() puts the previous handlers back (notebooks, tests).
+    last_save: where a run that stops without saving goes on from."""
 
     def __init__(self):
         self.requested, self.at_once = False, False
+        self.last_save = "no checkpoint yet: start again"
         self.previous = {sig: signal.signal(sig, self.handle)
                          for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def saved(self, path, step, out):
+        if step is not None:
+            self.last_save = (f"the last checkpoint, {path}, is at step {step}: continue with "
+                              f"--resume --out {out}")
 
     def handle(self, signum, frame):
         if self.at_once or self.requested:
