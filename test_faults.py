@@ -472,7 +472,7 @@ def start_session(out, *extra):
     """train.py with two data workers in a session of its own, as timeout, torchrun and schedulers
     start it: a signal to its process group reaches the workers too."""
     return subprocess.Popen([sys.executable, "train.py", "--out", out, *RUN, "--workers", "2",
-                             *extra], cwd=HERE, env={**ENV, "OMP_NUM_THREADS": "1"},
+                             *extra], cwd=HERE, env=ENV,  # threads as `reference`: same bits
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
