@@ -665,6 +665,8 @@ def test_compiled_run_has_no_graph_break_and_compiles_only_when_a_phase_begins(t
     loss_fn = selfe.selfe_loss
 
     def counting_loss(*args, **kwargs):
+        if len(args[1]) != 8:  # the start-up memory estimate's (2 and 4 rows, not compiled)
+            return loss_fn(*args, **kwargs)
         graphs.append(counters["stats"]["unique_graphs"])
         if len(graphs) == 7:  # Ctrl-C during step 6: the run saves after it and stops
             os.kill(os.getpid(), signal.SIGINT)
