@@ -428,11 +428,11 @@ class TextTable:
         """(B,) row ids of captions -> the condition of those captions, or of their fake prompts:
         (tokens (B, L, Dt), mask (B, L), pooled (B, Dt)), float32 on the device."""
         ids = ids + len(self.captions) * fake
-        dev = self.mask.device
-        tokens = torch.from_numpy(self.tokens[ids.numpy()]) if self.on_file else \
-            self.tokens[ids.to(dev)]
-        ids = ids.to(dev)
-        return tokens.to(dev).float(), self.mask[ids], self.pooled[ids].float()
+        if self.on_file:  # the rows read from the file, then sent to the device
+            tokens = torch.from_numpy(self.tokens[ids.numpy()]).to(self.mask.device)
+        ids = ids.to(self.mask.device)
+        tokens = tokens if self.on_file else self.tokens[ids]
+        return tokens.float(), self.mask[ids], self.pooled[ids].float()
 
 
 # -------------------------------------------------------------------------------------------------

@@ -240,7 +240,8 @@ def train(argv, interrupt):
     out = given.setdefault("out", DEFAULTS["out"])  # where the run is, even if it moved
     ckpt_path = check_out(out, resume)
     ckpt = read_checkpoint(ckpt_path) if resume else None
-    interrupt.saved(ckpt_path, ckpt["step"] if ckpt else None, out)
+    if ckpt:
+        interrupt.saved(ckpt_path, ckpt["step"], out)
     if ckpt and rank == 0:
         print(f"resuming {ckpt_path} at step {ckpt['step']}")
     cfg = resumed_config(ckpt["config"], given, ckpt_path, rank > 0) if ckpt else {**DEFAULTS,
@@ -288,8 +289,13 @@ def train(argv, interrupt):
         print(f"memory: about {memory[False] / 1e9:.2f} GB a step, {memory[True] / 1e9:.2f} GB "
               f"with the fake-score pass (estimated per process: weights, gradients, Adam, EMA "
               f"and saved activations; --act-ckpt {'on' if cfg['act_ckpt'] else 'off'})")
-    table = TextTable(text, data.captions, fake=aux_on(cfg["iters"] - 1, cfg),
+    t0, fake = time.perf_counter(), aux_on(cfg["iters"] - 1, cfg)
+    table = TextTable(text, data.captions, fake=fake,
                       dtype=torch.float16 if cfg["bf16"] else torch.float32, folder=cfg["out"])
+    if rank == 0:
+        print(f"text: {len(table.captions)} captions{' and their fake prompts' * fake} encoded in "
+              f"{time.perf_counter() - t0:.1f} s" + (" (token states in text_tokens.npy)"
+                                                    if table.on_file else ""))
 
     log = open_log(os.path.join(cfg["out"], "log.jsonl")) if rank == 0 else None
     batches = loader(Batches(data, batch, cfg["seed"], rank, table.row),
@@ -824,9 +830,8 @@ class Interrupt:
                          for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def saved(self, path, step, out):
-        if step is not None:
-            self.last_save = (f"the last checkpoint, {path}, is at step {step}: continue with "
-                              f"--resume --out {out}")
+        self.last_save = (f"the last checkpoint, {path}, is at step {step}: continue with "
+                          f"--resume --out {out}")
 
     def handle(self, signum, frame):
         if self.at_once or self.requested:
