@@ -94,7 +94,7 @@ report() {
   for method in fm selfe; do
     cp "$OUT/$method/log.jsonl" "$OUT/report/${method}_log.jsonl" 2>/dev/null || true
     cp "$OUT/$method/eval/grid.png" "$OUT/report/${method}_eval_grid.png" 2>/dev/null || true
-    last=$(ls "$OUT/$method/samples" 2>/dev/null | tail -1)
+    last=$(ls "$OUT/$method/samples" 2>/dev/null | tail -1 || true)  # none: the run never began
     if [ -n "$last" ]; then cp "$OUT/$method/samples/$last" "$OUT/report/${method}_samples.png"; fi
   done
   summary | tee "$OUT/report/summary.md"

@@ -403,6 +403,22 @@ def test_plot_draws_the_loss_of_any_run(folder_run, tmp_path, capsys, monkeypatc
     assert Image.open(tmp_path / "loss.png").size == (plot.W, plot.H)
 
 
+def test_gpu_check_takes_an_empty_out_folder_and_refuses_one_with_files(tmp_path):
+    """With --budget 0 every part is skipped and the report is written: the check of --out alone."""
+    def check(out):
+        return subprocess.run(["bash", "gpu_check.sh", "--tiny", "--budget", "0", "--out", out],
+                              cwd=HERE, env={**ENV, "PYTHON": sys.executable},
+                              capture_output=True, text=True, timeout=120)
+    (tmp_path / "empty").mkdir()
+    r = check(str(tmp_path / "empty"))
+    assert r.returncode == 0 and (tmp_path / "empty" / "report" / "summary.md").exists(), r.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    r = check(str(tmp_path / "full"))
+    assert r.returncode == 2 and "holds files but no earlier check" in r.stderr
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+
+
 # -------------------------------------------------------------------------------------------------
 # 3. Interruptions and exact resume
 
@@ -504,9 +520,10 @@ def test_a_data_worker_that_dies_is_one_line_naming_the_last_checkpoint(tmp_path
     ckpt = model.read_checkpoint(os.path.join(out, "ckpt.pt"))  # whole and loadable
     last = stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
-    assert last.startswith("error: a data worker died (DataLoader worker (pid ") and last.endswith(
-        f"is killed by signal: Killed; out of memory?); the last checkpoint, {out}/ckpt.pt, is at "
-        f"step {ckpt['step']}: continue with --resume --out {out}"), last
+    # torch says "is killed by signal: Killed" or "exited unexpectedly", by which check sees it first
+    assert last.startswith("error: a data worker died (DataLoader worker (pid") and last.endswith(
+        f"; out of memory?); the last checkpoint, {out}/ckpt.pt, is at step {ckpt['step']}: "
+        f"continue with --resume --out {out}"), last
     assert ckpt["step"] >= 10 and ckpt["step"] % 5 == 0
 
 

@@ -704,9 +704,9 @@ def memory_estimate(cfg, text_dim, batch):
                               torch.randn(rows, net.dim), torch.ones(rows, 1, 1, N, dtype=bool))
         m = 0 if fm else round((1 - cfg["p_equal"]) * batch)  # the fake pass's rows
         for fake in (False, True):
-            rows = batch + m * fake  # the rows of the passes with gradient
-            kept = len(net.blocks) * rows * N * net.dim * dtype.itemsize  # each block's input
-            out[fake] += kept + scaled(block, rows)
+            rows = batch + m * fake  # the rows of the passes with gradient: their inputs kept
+            kept = len(net.blocks) * rows * N * net.dim * dtype.itemsize
+            out[fake] += kept + scaled(block, batch)  # the widest pass's block recomputed
     return out
 
 
