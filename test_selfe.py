@@ -760,7 +760,7 @@ print(train.memory_estimate(cfg, 384, 64)[True] / peak)
 @pytest.mark.slow
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("variant", ["fp32", "bf16"])  # bf16 with act_ckpt
-def test_the_memory_estimate_is_within_20_percent_of_the_measured_peak(variant):
+def test_the_memory_estimate_is_within_10_percent_of_the_measured_peak(variant):
     """The start-up line's estimate (fake-score pass on) against the peak resident memory of two
     real steps, measured in a process of its own where glibc hands every freed tensor back to the
     system (MALLOC_MMAP_THRESHOLD_), so that the peak is that of the live tensors, after the same
@@ -769,7 +769,7 @@ def test_the_memory_estimate_is_within_20_percent_of_the_measured_peak(variant):
                        text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
                                        "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert 0.8 <= float(r.stdout.split()[-1]) <= 1.2, r.stdout  # measured: 0.99 fp32, 0.98 bf16
+    assert 0.9 <= float(r.stdout.split()[-1]) <= 1.1, r.stdout  # measured: 0.99 fp32, 0.98 bf16
 
 
 @pytest.mark.gpu_path
