@@ -520,7 +520,7 @@ def test_a_data_worker_that_dies_is_one_line_naming_the_last_checkpoint(tmp_path
     ckpt = model.read_checkpoint(os.path.join(out, "ckpt.pt"))  # whole and loadable
     last = stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
-    # torch says "is killed by signal: Killed" or "exited unexpectedly", by which check sees it first
+    # torch says "is killed by signal: Killed" or "exited unexpectedly": whichever check saw it
     assert last.startswith("error: a data worker died (DataLoader worker (pid") and last.endswith(
         f"; out of memory?); the last checkpoint, {out}/ckpt.pt, is at step {ckpt['step']}: "
         f"continue with --resume --out {out}"), last

@@ -727,7 +727,7 @@ def test_bf16_autocast_loss_and_gradients_are_finite_and_close_to_fp32():
 
 
 PEAK = """
-import copy, os, resource, sys, torch
+import copy, sys, torch
 import model, selfe, train
 bf16 = sys.argv[1] == "bf16"
 cfg = {**train.DEFAULTS, **train.PRESETS["cpu"], "patch": 2, "batch_size": 64, "bf16": bf16,
@@ -749,11 +749,20 @@ def steps(B):  # two training steps on B rows (Adam's moments come with the firs
         torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 0.1)
 
 
-steps(2)  # the code and one-time buffers the step needs become resident before the baseline
-base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status():  # bytes
+    rows = (line.split(":") for line in open("/proc/self/status"))
+    return {k: int(v.split()[0]) * 1024 for k, v in rows if k.startswith(("Rss", "VmHWM"))}
+
+
+steps(2)  # one-time buffers the step needs are made before the baseline
+base = status()["RssAnon"]
+open("/proc/self/clear_refs", "w").write("5")  # the high-water mark starts again from here
 steps(64)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-print(train.memory_estimate(cfg, 384, 64)[True] / peak)
+end = status()  # library pages read in meanwhile only grow: the end's are taken off
+peak = end["VmHWM"] - end["RssFile"] - end["RssShmem"] - base
+est = train.memory_estimate(cfg, 384, 64)[True]
+print(f"estimate {est / 1e6:.0f} MB, peak {peak / 1e6:.0f} MB over {base / 1e6:.0f} MB, "
+      f"{(end['RssFile'] + end['RssShmem']) / 1e6:.0f} MB of files: {est / peak}")
 """
 
 
