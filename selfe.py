@@ -87,12 +87,13 @@ def energy_renorm(x0, x_self, lam):
 
 
 def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, fm=False, tau=1.0, p_equal=0.5,
-               p_null=0.1, shift=1.0, renorm=True, eval_net=None, null_any_s=True):
+               p_null=0.1, shift=1.0, renorm=True, eval_net=None, null_any_s=True, k=0.9):
     """One training step's loss (Sec. 3, Eqs. 1-21) -> (loss, stats).
     x0 (B, ...) data; cond, null: conditions of the prompts and of the empty prompt; fake,
     null_fake: of the fake prompts "<prompt> fake image" and "fake image" (None: the fake-score term
     is off). fm: the flow-matching baseline (s = t on every row). eval_net: the weights of the
     conditional judge (the paper: EMA); the unconditional judge is net, the online weights.
+    k: the classifier score's share once the fake-score term is on (the paper's 0.9).
     Without renorm, Eqs. 16-18: |x0_hat - x0|^2 + lam |x0_hat - x_self|^2, one regression on the
     mix (x0 + lam x_self) / (1 + lam) times (1 + lam); renorm (Eq. 19) rescales the mix instead."""
     B, dev = x0.shape[0], x0.device
@@ -118,7 +119,8 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, fm=False, tau=
         if fake is not None:  # appendix: the same net learns the mean of its OWN samples
             G_fake = G(net, x_s, s_m, s_m, each(lambda c: c[:m], fake))
             aux = sq_err(G_fake, x0_sg) / s_m.clamp(min=1e-2) ** 2  # weight 1/s^2, s >= 0.01 (ours)
-            delta = 0.9 * delta + 0.1 * (G_fake.detach() - G_c)  # the paper's k = 0.9
+            # appendix: k times the classifier score, (1 - k) times the fake-score correction
+            delta = k * delta + (1 - k) * (G_fake.detach() - G_c)
         x_self = x0_sg - delta  # Eq. 14
         lam = lambda_st(t_m, s_m)  # Eq. 17
         if renorm:

@@ -148,16 +148,19 @@ def test_the_loss_is_eqs_14_to_21_by_hand(renorm):
     assert torch.allclose(loss, per_row.mean(), rtol=1e-5)
 
 
-def test_the_fake_score_term_mixes_with_k_and_adds_its_own_loss():
+@pytest.mark.parametrize("k", [None, 0.3])  # None: the paper's 0.9 when not given
+def test_the_fake_score_term_mixes_with_k_and_adds_its_own_loss(k):
     torch.manual_seed(3)
     net = Recorder(ConstantG())
     B, x0 = 8, torch.randn(8, 1, 2, 2)
     cond, null, fake = torch.randn(B), torch.zeros(B), torch.randn(B)
+    given = {} if k is None else {"k": k}
     loss, stats = selfe.selfe_loss(net, x0, one(cond), one(null), one(fake), one(null - 1),
-                                   tau=1.0, p_null=0.0, renorm=False)
+                                   tau=1.0, p_null=0.0, renorm=False, **given)
     t, s, m = net.calls[0]["t"], net.calls[0]["s"], stats["jump_rows"]
     x0_hat, G = const_G(cond, x0), lambda c: const_G(c, x0)  # noqa: E731
-    delta = 0.9 * (G(null) - G(cond)) + 0.1 * (G(fake) - G(cond))  # appendix, k = 0.9
+    w = 0.1 if k is None else 1 - k  # the fake-score correction's share
+    delta = (1 - w) * (G(null) - G(cond)) + w * (G(fake) - G(cond))  # appendix
     lam = (t / (1 - t) - s / (1 - s)).view(-1, 1, 1, 1)
     target = (x0 + lam * (x0_hat - delta)) / (1 + lam)
     data_term = (rows(x0_hat - target).pow(2).mean(1) / t**2 * (1 + lam.flatten())).mean()

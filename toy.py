@@ -79,7 +79,7 @@ class ToyNet(nn.Module):
         return self.out(h)
 
 
-def train(method, centres, seed, iters=4000, batch=256, renorm=True, aux_start=1.0):
+def train(method, centres, seed, iters=4000, batch=256, renorm=True, aux_start=1.0, k=0.9):
     """The project's recipe at toy size: Adam (0.9, 0.95), lr 1e-3 with warm-up and linear decay,
     clip 1, tau ramped over 40 % of the run, EMA weights as the conditional judge. -> the EMA."""
     torch.manual_seed(seed)
@@ -94,7 +94,8 @@ def train(method, centres, seed, iters=4000, batch=256, renorm=True, aux_start=1
         # lr: warm-up over 100 steps, then linear decay from 1e-3 to 1e-5
         opt.param_groups[0]["lr"] = 1e-3 * min((step + 1) / 100, 1 - 0.99 * step / iters)
         loss, _ = selfe.selfe_loss(net, x0, (c,), null, fake, null_fake, fm=method == "fm",
-                                   tau=min(1.0, step / (0.4 * iters)), renorm=renorm, eval_net=ema)
+                                   tau=min(1.0, step / (0.4 * iters)), renorm=renorm, eval_net=ema,
+                                   k=k)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -48,6 +48,8 @@ CONFIG = {
     "renorm": (True, "energy-preserving target, Eq. 19 (off: the paper's 'w/o target norm')"),
     "aux_start": (None, "fraction of the run after which the fake-score term is on; 0 = from the "
                         "start (ablation), 1 = never; preset: cpu 1, gpu the paper's 0.77"),
+    "k": (0.9, "the classifier score's share of the self-evaluation once the fake-score term is "
+               "on; the rest is the fake-score correction (paper: 0.9)"),
     "tau_ramp": (0.4, "fraction of the run over which tau ramps 0 -> 1 (paper: 300k of 710k)"),
     "p_equal": (0.5, "fraction of rows with s = t (paper)"),
     "p_null": (0.1, "probability of the empty prompt (ours; the paper gives none)"),
@@ -131,8 +133,8 @@ def finish_config(cfg, world, quiet=False):
                                          f"divisible by {world} processes"),
         (cfg["lr"] > 0 and cfg["clip"] > 0 and cfg["warmup"] >= 0,
          "--lr and --clip must be positive, --warmup at least 0"),
-        (0 <= cfg["p_equal"] <= 1 and 0 <= cfg["p_null"] < 1,
-         "--p-equal must lie in [0, 1], --p-null in [0, 1)"),
+        (0 <= cfg["p_equal"] <= 1 and 0 <= cfg["p_null"] < 1 and 0 <= cfg["k"] <= 1,
+         "--p-equal and --k must lie in [0, 1], --p-null in [0, 1)"),
         (min(cfg["log_every"], cfg["ckpt_every"], cfg["sample_every"]) >= 1
          and cfg["eval_every"] >= 0, "--log-every, --ckpt-every and --sample-every must be at "
                                      "least 1, --eval-every at least 0"),
@@ -318,7 +320,7 @@ def train(argv, interrupt):
                     net, x0, cond, null, fake, null_fake, fm=cfg["method"] == "fm",
                     tau=tau_at(step, cfg), p_equal=cfg["p_equal"], p_null=cfg["p_null"],
                     shift=cfg["shift"], renorm=cfg["renorm"], eval_net=eval_net,
-                    null_any_s=cfg["null_any_s"])
+                    null_any_s=cfg["null_any_s"], k=cfg["k"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
