@@ -14,19 +14,26 @@ import safetensors.torch
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
-import huggingface_hub.constants  # noqa: E402
-import transformers  # noqa: E402
+import huggingface_hub.constants
+import transformers
 
-import model  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
-from cli import InputError  # noqa: E402
-from test_faults import expect_input_error  # noqa: E402
+import model
+import sample
+import selfe
+import train
+from cli import InputError
+from conftest import TWO_STEPS, expect_input_error
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 VOCAB = SPECIAL + "a photo of one two three red green blue circle circles square squares".split()
-CLOSED_PORT = "http://127.0.0.1:9"  # discard: nothing listens there
+
+
+def closed_port():
+    """-> the URL of a local port that nothing listens on: one the system just gave us, closed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
 TINY = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
 
 
@@ -147,16 +154,21 @@ def test_count_tokens_counts_past_the_text_length(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["t5", "clip"])
 def test_a_run_trains_and_samples_with_a_t5_or_clip_encoder(kind, tmp_path, monkeypatch):
-    folder, out, images = encoder_folder(tmp_path / kind, kind), str(tmp_path / "run"), tmp_path
-    train.main(["--out", out, "--preset", "cpu", "--iters", "2", "--batch-size", "2", "--res",
-                "16", "--log-every", "1", "--eval-every", "0", "--sample-every", "100",
-                "--final-eval", "off", "--text-encoder", folder])
+    """The run's encoder, not the default, conditions the steps and the samples: its tokens
+    (T5 16 wide, CLIP 32) reach the loss and the sampler, and sample.py takes it from the run."""
+    folder, out = encoder_folder(tmp_path / kind, kind), str(tmp_path / "run")
+    widths, loss, sampler = [], selfe.selfe_loss, selfe.sample
+    monkeypatch.setattr(selfe, "selfe_loss", lambda net, x0, cond, *a, **k: widths.append(
+        cond[0].shape[-1]) or loss(net, x0, cond, *a, **k))
+    monkeypatch.setattr(selfe, "sample", lambda net, noise, cond, *a, **k: widths.append(
+        cond[0].shape[-1]) or sampler(net, noise, cond, *a, **k))
+    train.main(["--out", out, *TWO_STEPS, "--text-encoder", folder])
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", out + "/ckpt.pt", "--prompt",
                                       "a red circle", "--steps", "1,2", "--out",
-                                      str(images / "samples")])
+                                      str(tmp_path / "samples")])
     sample.main()
-    assert os.path.isfile(images / "samples" / "grid.png")
-    assert len(glob.glob(str(images / "samples" / "images" / "*.png"))) == 2
+    assert widths and set(widths) == {TEXT_DIM[kind]}
+    assert len(glob.glob(str(tmp_path / "samples" / "images" / "*.png"))) == 2
 
 
 # -------------------------------------------------------------------------------------------------
@@ -194,7 +206,7 @@ def test_a_folder_without_config_json_is_not_a_model_folder(tmp_path):
 
 def test_a_hub_id_not_in_the_cache_fails_at_once_when_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_ENDPOINT", CLOSED_PORT)  # a probe, if made, would say "cannot reach"
+    monkeypatch.setenv("HF_ENDPOINT", closed_port())  # a probe, if made, would say "cannot reach"
     assert refusal("no-such-org/no-such-encoder") == (
         "text encoder 'no-such-org/no-such-encoder' is not in the Hugging Face cache and offline "
         "mode is on (HF_HUB_OFFLINE): download it once where there is a network, or pass a "
@@ -202,18 +214,20 @@ def test_a_hub_id_not_in_the_cache_fails_at_once_when_offline(monkeypatch):
 
 
 def no_proxy_no_offline(monkeypatch):
-    """Online as far as the environment says, straight to HF_ENDPOINT."""
+    """Online as far as the environment says, straight to HF_ENDPOINT, a closed port; -> it."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for var in ("http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
         monkeypatch.delenv(var.upper(), raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", CLOSED_PORT)
+    url = closed_port()
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    return url
 
 
 def test_a_hub_id_fails_at_once_with_a_hint_when_the_hub_cannot_be_reached(monkeypatch):
-    no_proxy_no_offline(monkeypatch)
+    url = no_proxy_no_offline(monkeypatch)
     assert refusal("no-such-org/no-such-encoder") == (
-        f"cannot reach {CLOSED_PORT} to download text encoder 'no-such-org/no-such-encoder' (no "
+        f"cannot reach {url} to download text encoder 'no-such-org/no-such-encoder' (no "
         f"network?): download it once where there is a network, or pass a local folder; "
         f"'default' needs none")
 

@@ -7,22 +7,15 @@ traceback, and no --out folder left behind.
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
-import model  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
-from test_faults import expect_input_error, image_folder  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_RUN = ["--preset", "cpu", "--iters", "2", "--batch-size", "2", "--res", "16",
-            "--log-every", "1", "--eval-every", "0", "--sample-every", "100", "--final-eval", "off"]
+import model
+import sample
+from conftest import expect_input_error, export_model, in_ascii_locale
 
 
 def run_sample(argv, monkeypatch):
@@ -30,33 +23,9 @@ def run_sample(argv, monkeypatch):
     sample.main()
 
 
-def export_untrained(folder, **changes):
-    """An export of an untrained res-16 model, config as the cpu preset gives it: no training."""
-    cfg = {**train.DEFAULTS, **train.PRESETS["cpu"], "res": 16, **changes}
-    net = model.build_model(cfg, 384)
-    model.export_ema(str(folder), net, cfg, 0, 384)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
-def untrained(tmp_path_factory):
-    return export_untrained(tmp_path_factory.mktemp("untrained") / "model")
-
-
-@pytest.fixture(scope="module")
-def shapes_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("shapes") / "run")
-    train.main(["--out", out, *TINY_RUN])
-    return out
-
-
-@pytest.fixture(scope="module")
-def folder_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("letters")
-    data = image_folder(root / "data", ["a.png", "b.png"])
-    out = str(root / "run")
-    train.main(["--out", out, "--data", data, *TINY_RUN])
-    return out
+def export(tmp_path_factory):
+    return export_model(tmp_path_factory.mktemp("export") / "model")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -85,6 +54,10 @@ def bad_input_case(case, tmp_path):
         "seed_negative": (["--seed=-1"], "[0, 2^63)"),
         "seed_huge": (["--seed", str(2**64)], "[0, 2^63)"),
         "steps_empty_item": (["--steps", "4,,2"], "whole numbers"),
+        "steps_0": (["--steps", "0"], "at least 1"),
+        "steps_word": (["--steps", "2,x"], "whole numbers"),
+        "s_k_word": (["--s-k", "half"], "--s-k 'half'"),
+        "no_prompt": ([], "give at least one --prompt"),
         "device_nonsense": (["--device", "gpu0"], "--device 'gpu0': torch cannot use it"),
         "device_meta": (["--device", "meta"], "torch cannot use it"),
         "device_cuda": (["--device", "cuda"], "torch cannot use it"),
@@ -103,13 +76,15 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")
 
 @pytest.mark.parametrize("case", [
     "s_k_0", "s_k_5", "s_k_negative", "s_k_nan", "cfg_negative", "cfg_nan", "cfg_inf",
-    "eta_above", "eta_below", "n_0", "seed_negative", "seed_huge", "steps_empty_item",
-    "device_nonsense", "device_meta", pytest.param("device_cuda", marks=NO_CUDA),
+    "eta_above", "eta_below", "n_0", "seed_negative", "seed_huge", "steps_empty_item", "steps_0",
+    "steps_word", "s_k_word", "no_prompt", "device_nonsense", "device_meta",
+    pytest.param("device_cuda", marks=NO_CUDA),
     "prompts_not_utf8", "prompts_missing", "run_folder", "empty_folder"])
 def test_bad_flags_are_one_line_and_exit_2(case, tmp_path, capsys, monkeypatch):
     argv, expected = bad_input_case(case, tmp_path)
     out = tmp_path / "s"
-    argv = ["--ckpt", str(tmp_path / "unused.pt"), "--prompt", "x", "--out", str(out), *argv]
+    prompt = [] if case == "no_prompt" else ["--prompt", "x"]
+    argv = ["--ckpt", str(tmp_path / "unused.pt"), *prompt, "--out", str(out), *argv]
     assert expected in expect_input_error(sample.main, argv, capsys, monkeypatch)
     assert not out.exists()
 
@@ -162,19 +137,19 @@ def damage(folder, case, other):
     ("config_not_utf8", "is not readable JSON"),
     ("weights_truncated", "is not the file"), ("weights_of_another_export", "is not the file"),
     ("weights_missing", "is a folder but not an export")])
-def test_a_damaged_or_foreign_export_is_one_line(case, expected, untrained, tmp_path, capsys,
+def test_a_damaged_or_foreign_export_is_one_line(case, expected, export, tmp_path, capsys,
                                                  monkeypatch):
     folder = tmp_path / "model"
-    shutil.copytree(untrained, folder)
+    shutil.copytree(export, folder)
     torch.manual_seed(1)
-    damage(folder, case, export_untrained(tmp_path / "other"))
+    damage(folder, case, export_model(tmp_path / "other"))
     argv = ["--ckpt", str(folder), "--prompt", "x", "--out", str(tmp_path / "s")]
     assert expected in expect_input_error(sample.main, argv, capsys, monkeypatch)
     assert not os.path.exists(tmp_path / "s")
 
 
 def test_a_kill_between_the_renames_leaves_no_pair_that_loads(tmp_path, monkeypatch):
-    folder = export_untrained(tmp_path / "model")
+    folder = export_model(tmp_path / "model")
     replace, renamed = os.replace, []
 
     def killed_before_config(src, dst):
@@ -186,12 +161,12 @@ def test_a_kill_between_the_renames_leaves_no_pair_that_loads(tmp_path, monkeypa
     monkeypatch.setattr(os, "replace", killed_before_config)
     torch.manual_seed(1)
     with pytest.raises(KeyboardInterrupt):
-        export_untrained(tmp_path / "model")
+        export_model(tmp_path / "model")
     assert renamed == [os.path.join(folder, "model.safetensors")]  # new weights, old config
     with pytest.raises(model.InputError, match="is not the file"):
         model.load_checkpoint(folder)
     monkeypatch.setattr(os, "replace", replace)
-    export_untrained(tmp_path / "model")  # the next save makes it whole again
+    export_model(tmp_path / "model")  # the next save makes it whole again
     model.load_checkpoint(folder)
 
 
@@ -199,15 +174,17 @@ def test_a_kill_between_the_renames_leaves_no_pair_that_loads(tmp_path, monkeypa
 # 3. Sampling: step counts once, names that sort, prompts files, text encoders
 
 
-def test_duplicate_step_counts_are_drawn_once(untrained, tmp_path, capsys, monkeypatch):
+def test_duplicate_step_counts_are_drawn_once(export, tmp_path, capsys, monkeypatch):
     out = tmp_path / "s"
-    run_sample(["--ckpt", untrained, "--prompt", "a red circle", "--steps", "4,2,4",
+    run_sample(["--ckpt", export, "--prompt", "a red circle", "--steps", "4,2,4",
                 "--out", str(out)], monkeypatch)
     printed = capsys.readouterr().out
     assert sample.parse_steps("4,2,4") == [4, 2]
     assert printed.count("4 steps:") == 1 and "and 2 images" in printed
-    assert sorted(os.listdir(out / "images")) == ["000_00_2steps_a-red-circle.png",
-                                                  "000_00_4steps_a-red-circle.png"]
+    names = ["000_00_2steps_a-red-circle.png", "000_00_4steps_a-red-circle.png"]
+    assert sorted(os.listdir(out / "images")) == names
+    two, four = (Image.open(out / "images" / n).tobytes() for n in names)
+    assert two != four  # each drawn at its own step count
 
 
 def test_image_names_sort_in_order_for_any_count():
@@ -222,9 +199,9 @@ def test_image_names_sort_in_order_for_any_count():
     assert names(1, 1, [2, 50]) == ["000_00_02steps_a-b.png", "000_00_50steps_a-b.png"]
 
 
-def test_101_images_per_prompt_are_written_in_sorted_order(untrained, tmp_path, monkeypatch):
+def test_101_images_per_prompt_are_written_in_sorted_order(export, tmp_path, monkeypatch):
     out = tmp_path / "s"
-    run_sample(["--ckpt", untrained, "--prompt", "a", "--prompt", "b", "--n", "101",
+    run_sample(["--ckpt", export, "--prompt", "a", "--prompt", "b", "--n", "101",
                 "--steps", "1", "--out", str(out)], monkeypatch)
     files = sorted(os.listdir(out / "images"))
     assert files == [f"{p:03d}_{k:03d}_1steps_{w}.png" for p, w in enumerate("ab")
@@ -237,18 +214,17 @@ def test_a_prompts_file_is_utf_8_with_or_without_a_bom_in_any_locale(tmp_path):
     prompts.write_text("un cœur rouge\n\n  a red circle \n", encoding="utf-8-sig")  # Notepad's
     code = ("import argparse, sample; print(sample.read_prompts(argparse.Namespace(prompt=['x'], "
             f"prompts={str(prompts)!r}, eval=False)))")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LC_ALL": "C", "PYTHONUTF8": "0",
-           "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "utf-8"}
-    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
-                       text=True, encoding="utf-8")
-    assert r.returncode == 0 and r.stdout.strip() == "['x', 'un cœur rouge', 'a red circle']", r
+    assert in_ascii_locale(code) == "['x', 'un cœur rouge', 'a red circle']"
 
 
-def test_the_empty_prompt_samples_unprompted(untrained, tmp_path, monkeypatch):
+def test_the_empty_prompt_samples_unprompted(export, tmp_path, monkeypatch):
     out = tmp_path / "s"
-    run_sample(["--ckpt", untrained, "--prompt", "", "--steps", "1", "--out", str(out)],
-               monkeypatch)
-    assert os.listdir(out / "images") == ["000_00_1steps_.png"]
+    run_sample(["--ckpt", export, "--prompt", "", "--prompt", "a red circle", "--steps", "1",
+                "--out", str(out)], monkeypatch)
+    names = ["000_00_1steps_.png", "001_00_1steps_a-red-circle.png"]
+    assert sorted(os.listdir(out / "images")) == names
+    empty, red = (Image.open(out / "images" / n).tobytes() for n in names)
+    assert empty != red  # the same noise, another condition
 
 
 def set_config(folder, **changes):
@@ -257,10 +233,10 @@ def set_config(folder, **changes):
     json.dump(config, open(path, "w"))
 
 
-def test_a_missing_text_encoder_folder_names_the_flag(untrained, tmp_path, capsys,
+def test_a_missing_text_encoder_folder_names_the_flag(export, tmp_path, capsys,
                                                       monkeypatch):
     folder = str(tmp_path / "model")
-    shutil.copytree(untrained, folder)
+    shutil.copytree(export, folder)
     gone = str(tmp_path / "elsewhere" / "minilm")
     set_config(folder, text_encoder=gone)  # config.json may be edited: the hash covers weights
     line = expect_input_error(sample.main, ["--ckpt", folder, "--prompt", "x", "--out",
@@ -271,16 +247,16 @@ def test_a_missing_text_encoder_folder_names_the_flag(untrained, tmp_path, capsy
     assert not os.path.exists(tmp_path / "s")
 
 
-def test_a_text_encoder_of_another_width_is_refused(untrained, tmp_path, capsys, monkeypatch):
+def test_a_text_encoder_of_another_width_is_refused(export, tmp_path, capsys, monkeypatch):
     from transformers import AutoTokenizer, BertConfig, BertModel
     enc = str(tmp_path / "narrow")
     tokenizer = AutoTokenizer.from_pretrained(model.resolve_text_encoder("default"))
     tokenizer.save_pretrained(enc)
     BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=64)).save_pretrained(enc)
-    argv = ["--ckpt", untrained, "--prompt", "x", "--text-encoder", enc, "--out",
+    argv = ["--ckpt", export, "--prompt", "x", "--text-encoder", enc, "--out",
             str(tmp_path / "s")]
-    assert (f"--text-encoder {enc!r} gives 32-wide tokens; {untrained!r} was trained on 384-wide "
+    assert (f"--text-encoder {enc!r} gives 32-wide tokens; {export!r} was trained on 384-wide "
             f"ones from 'default'") in expect_input_error(sample.main, argv, capsys, monkeypatch)
     assert not os.path.exists(tmp_path / "s")
 
@@ -325,7 +301,8 @@ def test_text_encoder_override_gives_the_runs_images(shapes_run, tmp_path, capsy
 @pytest.mark.slow
 def test_eval_is_refused_on_a_run_trained_on_folder_data(folder_run, tmp_path, capsys,
                                                          monkeypatch):
-    for ckpt in (os.path.join(folder_run, "ckpt.pt"), os.path.join(folder_run, "model")):
+    run = folder_run[0]
+    for ckpt in (os.path.join(run, "ckpt.pt"), os.path.join(run, "model")):
         line = expect_input_error(sample.main, ["--ckpt", ckpt, "--eval", "--out",
                                                 str(tmp_path / "e")], capsys, monkeypatch)
         assert "was trained on '" in line and "ShapesEval judges the shapes world only" in line

@@ -19,15 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
-import cli  # noqa: E402
-import model  # noqa: E402
-import selfe  # noqa: E402
-import shapes  # noqa: E402
-import toy  # noqa: E402
-import train  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+import cli
+import model
+import selfe
+import shapes
+import toy
+import train
+from conftest import HERE, TWO_STEPS, expect_input_error, trained_like
 
 
 def rows(x):
@@ -86,13 +84,13 @@ def one(x):
 # The formulas
 
 
-def test_lambda_is_zero_at_s_equal_t_and_matches_sigma_over_alpha():
+def test_lambda_is_zero_at_s_equal_t_and_the_gap_of_sigma_over_alpha():
     t = torch.tensor([0.1, 0.5, 0.9, 0.99])
     assert torch.all(selfe.lambda_st(t, t) == 0)
-    s = t * 0.3
-    alpha, sigma = 1 - t, t  # Eq. 1: alpha_t = 1 - t, sigma_t = t
-    assert torch.allclose(selfe.lambda_st(t, s), sigma / alpha - s / (1 - s))
-    assert torch.all(selfe.lambda_st(t, s) > 0)
+    # sigma/alpha = t/(1 - t): 1 at t = 0.5, 9 at 0.9, 1/3 at 0.25, 1/9 at 0.1 (by hand)
+    pairs = torch.tensor([[0.5, 0.25], [0.9, 0.5], [0.9, 0.1], [0.5, 0.1]])
+    want = torch.tensor([1 - 1 / 3, 9 - 1, 9 - 1 / 9, 1 - 1 / 9])
+    assert torch.allclose(selfe.lambda_st(pairs[:, 0], pairs[:, 1]), want)
 
 
 def test_energy_renorm_keeps_data_norm_and_is_identity_at_lambda_zero():
@@ -294,20 +292,44 @@ def test_eta_zero_is_the_euler_step_and_last_step_returns_x0_hat():
         selfe.sample(net, x1, cond, steps=0)
 
 
-def test_eta_zero_draws_no_noise_and_gives_the_bits_of_the_zero_noise_step(monkeypatch):
-    """The Euler sampler needs no fresh noise: none is drawn, and the images are the bits of the
-    stochastic step with its noise scaled by c = 0."""
+def test_eta_zero_draws_no_noise_and_is_euler_at_every_step(monkeypatch):
+    """Eq. 22 at 3 steps: x_t' = x_t + (t' - t) V on the grid 1, 2/3, 1/3, 0; no noise drawn."""
     net, cond = LinearNet(), one(torch.randn(4))
-    x = x1 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    ts = selfe.time_grid(3).tolist()
-    for t, t_next in zip(ts, ts[1:]):  # the stochastic step of the sampler, c = 0
-        x0_hat = x - t * net(x, torch.full((4,), t), torch.full((4,), t_next), cond)
-        eps_hat = (x - (1 - t) * x0_hat) / t
-        x = (1 - t_next) * x0_hat + math.sqrt(t_next**2 - 0.0) * eps_hat
-        x = x + 0.0 * torch.randn(x.shape)
+    x = x1 = torch.randn(4, 3, 8, 8)
+    for t, t_next in ((1, 2 / 3), (2 / 3, 1 / 3), (1 / 3, 0)):
+        x = x + (t_next - t) * net(x, torch.full((4,), t), torch.full((4,), t_next), cond)
     monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("eta = 0 drew noise"))
     out = selfe.sample(net, x1, cond, steps=3, eta=0.0, generator=torch.Generator())
-    assert torch.equal(out, x0_hat)
+    assert torch.allclose(out, x, atol=1e-5)
+
+
+class Still(nn.Module):
+    """V = 0: every x0_hat is x_t itself, so a step only rescales x and adds its fresh noise."""
+
+    def forward(self, x, t, s, cond):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_eta_one_adds_the_ddpm_posteriors_noise_on_the_shifted_grid(shift):
+    """At eta 1 a step from t to t' draws the std of q(x_t' | x_t, x0), derived here from the
+    forward process: x_t = a x_t' + b z with a = alpha_t / alpha_t', b^2 = sigma_t^2 - a^2
+    sigma_t'^2; conditioning gives variance b^2 sigma_t'^2 / sigma_t^2. The grid: 1 -> 0 in
+    equal steps, shifted as u -> k u / (1 + (k - 1) u) (k 3: 1, 6/7, 3/5, 0)."""
+    grid = [1.0, 6 / 7, 3 / 5, 0.0] if shift == 3.0 else [1.0, 2 / 3, 1 / 3, 0.0]
+    net, cond = Recorder(Still()), one(torch.zeros(20000))
+    out = selfe.sample(net, torch.zeros(20000, 1, 1, 1), cond, steps=3, eta=1.0, shift=shift,
+                       generator=torch.Generator().manual_seed(0))
+    assert [round(c["t"][0].item(), 6) for c in net.calls] == [round(g, 6) for g in grid[:3]]
+
+    def std(t, t2):  # alpha = 1 - t, sigma = t
+        a = (1 - t) / (1 - t2)
+        return math.sqrt((t**2 - a**2 * t2**2) * t2**2 / t**2)
+    # From x = 0 with V = 0: x_{t'} = (alpha_t' + sqrt(sigma_t'^2 - c^2)) x_t + c z, and the last
+    # step returns x itself; so the output's variance follows from the two draws' c alone.
+    c1, c2 = std(grid[0], grid[1]), std(grid[1], grid[2])
+    carry = (1 - grid[2]) + math.sqrt(grid[2] ** 2 - c2**2)
+    assert abs(out.var().item() / ((carry * c1) ** 2 + c2**2) - 1) < 0.03  # 20000 draws: 1 %
 
 
 def test_s_k_options():
@@ -346,18 +368,18 @@ def test_energy_preserving_cfg_has_the_conditional_norm():
                           rows(plain) / rows(plain).norm(dim=1, keepdim=True), atol=1e-5)
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_any_step_count_works_and_a_seed_fixes_the_output(eta):
+def test_any_step_count_works_and_at_eta_one_the_seed_fixes_the_noise():
     net = LinearNet()
     noise, cond, null = torch.randn(2, 3, 4, 4), one(torch.randn(2)), one(torch.zeros(2))
 
-    def draw(steps, seed):
+    def draw(steps, seed, eta=1.0):
         gen = torch.Generator().manual_seed(seed)
         return selfe.sample(net, noise, cond, null, steps=steps, eta=eta, generator=gen)
     for steps in range(1, 51):
         out = draw(steps, 0)
         assert out.shape == noise.shape and torch.isfinite(out).all()
-    assert torch.equal(draw(7, 1), draw(7, 1))
+    assert torch.equal(draw(7, 1), draw(7, 1)) and not torch.allclose(draw(7, 1), draw(7, 2))
+    assert torch.equal(draw(7, 1, eta=0.0), draw(7, 2, eta=0.0))  # Euler: no noise to seed
 
 
 # -------------------------------------------------------------------------------------------------
@@ -370,15 +392,6 @@ def text_cond(B, L, D=384, valid=(5, 3)):
     for i, n in enumerate(valid[:B]):
         mask[i, :n] = True
     return tokens, mask, torch.randn(B, D)
-
-
-def trained_like(net):
-    """Give every zero-initialised layer some weights: a model that depends on its inputs."""
-    torch.manual_seed(6)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net
 
 
 @pytest.mark.gpu_path
@@ -415,8 +428,11 @@ def test_analytic_flops_match_pytorchs_counter(monkeypatch):
     net = model.DiT(res=32, patch=4, dim=64, depth=3, heads=4, text_dim=48)
     with FlopCounterMode(display=False) as counter:
         net(torch.randn(2, 3, 32, 32), torch.rand(2), torch.rand(2), text_cond(2, 12, D=48))
-    measured = counter.get_total_flops() / 2
-    assert abs(net.flops(text_len=12) / measured - 1) < 0.05  # the rest: time and text MLPs
+    counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    # left out, per image: the time, gap and pooled-text MLPs and the final layer's adaLN
+    rest = sum(counts[f"DiT.{m}"] for m in ("t_embed", "gap_embed", "pool_embed", "final.ada"))
+    assert 2 * net.flops(text_len=12) == counts["Global"] - rest  # 2 images: exactly the rest
+    assert rest / counts["Global"] < 0.01
 
 
 def test_adaln_zero_block_is_the_identity():
@@ -485,8 +501,8 @@ def test_mechanism_selfe_beats_flow_matching_at_one_and_two_steps(seed):
             x, c = toy.draw_samples(ema, method, steps, cfg=1.0)
             scores[method, steps] = toy.accuracy(x, c, centres)
     print(seed, scores)
-    assert scores["selfe", 1] > scores["fm", 1] + 0.2
-    assert scores["selfe", 2] > scores["fm", 2] + 0.05
+    assert scores["selfe", 1] > scores["fm", 1] + 0.4  # measured: 0.56 and 0.55 apart
+    assert scores["selfe", 2] > scores["fm", 2] + 0.2  # 0.30 and 0.27
     assert min(scores["selfe", 50], scores["fm", 50]) > 0.95  # both learned the data
 
 
@@ -676,6 +692,7 @@ def test_compiled_run_has_no_graph_break_and_compiles_only_when_a_phase_begins(t
     (no grad; online and EMA weights) and the m fake-prompt rows (grad)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
+    counters.clear()  # reset() leaves them: the counts below are this test's alone
     graphs = []  # graphs compiled so far, read as each step begins
     loss_fn = selfe.selfe_loss
 
@@ -796,23 +813,6 @@ def test_under_bf16_autocast_the_residual_stream_stays_in_bf16():
     with torch.autocast("cpu", torch.bfloat16):
         net(torch.randn(2, 3, 16, 16), torch.rand(2), torch.rand(2), cond)
     assert seen == [torch.bfloat16] * 2
-
-
-@pytest.mark.gpu_path
-def test_data_workers_render_half_again_what_the_gpu_step_needs():
-    """The GPU preset's workers, each at the speed of one core of this CPU, against the images/s
-    flow matching's step (the cheaper one) takes on an H100 at 35 % MFU by its FLOPs: they keep up
-    at 50 % MFU too. CPU time, not wall time: a busy machine cannot fail it."""
-    cfg = {**train.DEFAULTS, **train.PRESETS["gpu"]}
-    net, B = model.build_model(cfg, text_dim=384), cfg["batch_size"]
-    need = B * 0.35 * 989e12 / train.step_flops(net, cfg["text_len"], B, jump_rows=0, fake=False)
-    world, rng = shapes.TrainingData(cfg["res"]), np.random.default_rng(0)
-    world.batch(B, rng)  # warm-up
-    t0, n = time.process_time(), 0
-    while time.process_time() - t0 < 2:
-        n += len(world.batch(B, rng)[1])
-    per_worker = n / (time.process_time() - t0)
-    assert cfg["workers"] * per_worker >= 1.5 * need, (per_worker, need)
 
 
 @pytest.mark.slow
@@ -983,6 +983,15 @@ def test_the_preset_says_when_the_fake_score_term_comes_on_and_a_flag_wins():
     assert resolved(["--preset", "cpu"], saved={"aux_start": 0.77})["aux_start"] == 0.77
 
 
+@pytest.mark.parametrize("cuda,line", [(False, "preset: cpu (no GPU found; --preset to choose)"),
+                                       (True, "preset: gpu (CUDA found; --preset to choose)")])
+def test_the_auto_preset_says_which_it_took_and_why(cuda, line, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cfg = train.finish_config({**train.DEFAULTS}, world=1)
+    assert capsys.readouterr().out == line + "\n"
+    assert cfg["preset"] == ("gpu" if cuda else "cpu") and cfg["bf16"] == cuda
+
+
 def test_mfu_knows_gpu_variants_apart():
     names = ("H200 NVL", "H200", "H100 NVL", "H100 PCIe", "H100 80GB HBM3", "A100-SXM4-80GB", "L4")
     peaks = {name: train.peak_flops(f"NVIDIA {name}") for name in names}
@@ -1038,13 +1047,11 @@ def test_train_resume_and_sample_on_shapes(tmp_path):
     out = str(tmp_path / "run")
     text = run("train.py", "--out", out, "--iters", "4", "--aux-start", "0.5", *TINY,
                "--eval-every", "4", "--final-eval", "small")
-    if not torch.cuda.is_available():
-        assert "preset: cpu (no GPU found" in text and "selfe | model tiny" in text
+    assert "selfe | model " in text
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
     (ev,) = read_log(out, "eval_overall")  # the few-step score, logged during training
     assert ev["step"] == 4 and set(ev["eval_overall"]) == set(ev["eval_fd"]) == {"2", "8"}
-    swaps = ev["swap_accuracy"]
-    assert set(swaps) == set(shapes.SWAPS) and all(0 <= v <= 1 for v in swaps.values())
+    assert set(ev["swap_accuracy"]) == set(shapes.SWAPS)  # each kind's (their test: below)
     assert "ShapesEval overall" in text
     # the paper's table in miniature at the end: printed, logged, kept with its grid
     assert "ShapesEval small (96 images per step count), selfe, EMA weights at step 4" in text
@@ -1084,9 +1091,10 @@ def test_train_resume_and_sample_on_shapes(tmp_path):
         res = json.load(f)
     assert res["step"] == 6 and res["images_per_step_count"] == 96
     assert set(res["results"]) == {"1", "2"}
-    assert res["sampler"] == {**selfe.SAMPLERS["selfe"], "shift": 1.0}
+    # what drew the table, for whoever reads it later (that the flags arrive: test_wiring.py)
+    assert res["sampler"] == dict(cfg=5.0, eta=0.0, s_k="next", uncond_at_t=True, shift=1.0)
     r = res["results"]["2"]
-    assert abs(r["overall"] - np.mean([r[t] for t in shapes.TAGS])) < 1e-9 and r["fd"] > 0
+    assert abs(r["overall"] - np.mean([r[t] for t in shapes.TAGS])) < 1e-9
 
 
 @pytest.mark.slow
@@ -1100,21 +1108,16 @@ def test_fm_and_selfe_differ_only_in_the_objective(tmp_path):
         logs[method] = read_log(out)
     assert logs["fm"][0]["loss"] == logs["selfe"][0]["loss"]
     assert logs["fm"][0]["frac_self"] == 0 and logs["selfe"][1]["frac_self"] > 0
-    # a flow-matching model is sampled at s = t, the only time pair it was trained on
-    e = str(tmp_path / "e")
-    run("sample.py", "--ckpt", str(tmp_path / "fm" / "ckpt.pt"), "--eval", "--steps", "2",
-        "--out", e)
-    with open(os.path.join(e, "results.json")) as f:
-        assert json.load(f)["sampler"]["s_k"] == 1.0
 
 
 @pytest.mark.slow
-def test_train_on_an_image_folder(tmp_path):
+def test_a_folder_in_either_layout_trains_on_each_image_with_its_own_caption(tmp_path,
+                                                                             monkeypatch):
+    imgs = {"a.png": Image.new("RGB", (40, 30), "red"), "b.png": Image.new("L", (30, 50), 200),
+            "c.png": Image.new("RGBA", (64, 64), (0, 0, 255, 128))}
     for layout in ("jsonl", "txt"):
         root = tmp_path / layout
         root.mkdir()
-        imgs = {"a.png": Image.new("RGB", (40, 30), "red"), "b.png": Image.new("L", (30, 50), 200),
-                "c.png": Image.new("RGBA", (64, 64), (0, 0, 255, 128))}
         for name, img in imgs.items():
             img.save(root / name)
             if layout == "txt":
@@ -1123,9 +1126,46 @@ def test_train_on_an_image_folder(tmp_path):
             (root / "metadata.jsonl").write_text(
                 "".join(json.dumps({"file_name": n, "text": f"a photo of {n[0]}"}) + "\n"
                         for n in imgs))
-        out = str(tmp_path / f"out_{layout}")
-        run("train.py", "--data", str(root), "--out", out, "--iters", "2", "--preset", "cpu", *TINY)
-        assert os.path.exists(os.path.join(out, "ckpt.pt"))
+    data = {layout: train.FolderData(str(tmp_path / layout), 16, quiet=True)
+            for layout in ("jsonl", "txt")}
+    captions = ["a photo of a", "a photo of b", "a photo of c"]
+    assert data["jsonl"].captions == data["txt"].captions == captions
+    assert np.array_equal(data["jsonl"].images, data["txt"].images)
+    seen, loss = [], selfe.selfe_loss
+    monkeypatch.setattr(selfe, "selfe_loss", lambda net, x0, cond, *a, **k: (
+        "eval_net" in k and seen.append((x0, cond[2]))) or loss(net, x0, cond, *a, **k))
+    train.main(["--out", str(tmp_path / "run"), "--data", str(tmp_path / "jsonl"), *TWO_STEPS,
+                "--batch-size", "8"])
+    images = shapes.to_model(data["txt"].images)  # (3, 3, 16, 16)
+    pooled = model.TextEncoder("default", 16)(captions)[2]  # (3, 384)
+    assert len(seen) == 2
+    for x0, rows in seen:  # every row: one of the images, beside its own caption's embedding
+        for x, p in zip(x0, rows):
+            (i,) = [i for i in range(3) if torch.equal(x, images[i])]
+            assert torch.allclose(p, pooled[i], atol=1e-5)
+
+
+def pixel(x, y, top=1.0):
+    """Where plot.py draws the point at x (a share of the x axis) and y (axis from 0 to top)."""
+    import plot
+    return (round(plot.LEFT + (plot.W - plot.LEFT - plot.RIGHT) * x),
+            round(plot.H - plot.BOTTOM - (plot.H - plot.TOP - plot.BOTTOM) * y / top))
+
+
+def test_plot_draws_the_loss_of_any_run_on_an_axis_that_holds_it(tmp_path, capsys, monkeypatch):
+    import plot
+    log = tmp_path / "log.jsonl"  # a run on one's own data: losses, no ShapesEval score
+    log.write_text("".join(json.dumps({"step": k, "loss": v}) + "\n"
+                           for k, v in ((10, 0.8), (20, None), (30, 1.7), (40, 0.3))))
+    assert "--y loss draws any run" in expect_input_error(
+        plot.main, [str(log), "--out", str(tmp_path / "x.png")], capsys, monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["plot.py", str(log), "--y", "loss", "--out",
+                                      str(tmp_path / "loss.png")])
+    plot.main()
+    img = Image.open(tmp_path / "loss.png").convert("RGB")
+    for it, v in ((10, 0.8), (30, 1.7), (40, 0.3)):  # the axis runs to 2, the next round number
+        assert img.getpixel(pixel(it / 40, v, top=2.0)) == plot.COLORS[0], (it, v)
+    assert img.getpixel(pixel(20 / 40, 0, top=2.0)) != plot.COLORS[0]  # a skipped window: none
 
 
 def test_plot_draws_each_runs_scores_where_they_belong(tmp_path, capsys, monkeypatch):
@@ -1144,13 +1184,11 @@ def test_plot_draws_each_runs_scores_where_they_belong(tmp_path, capsys, monkeyp
     plot.main()
     img = Image.open(out).convert("RGB")
     assert img.size == (plot.W, plot.H)  # short labels: the legend fits the right margin
-    x = lambda it: round(plot.LEFT + (plot.W - plot.LEFT - plot.RIGHT) * it / 1500)  # noqa: E731
-    y = lambda v: round(plot.H - plot.BOTTOM - (plot.H - plot.TOP - plot.BOTTOM) * v)  # noqa: E731
     for color, pts in ((plot.COLORS[0], [(500, 0.1), (1500, 0.3), (1000, 0.1)]),
                        (plot.COLORS[1], [(500, 0.4), (1500, 0.8), (1000, 0.3)])):
         for it, v in pts:  # each point's marker, in its run's colour, at 2 steps and at 8
-            assert img.getpixel((x(it), y(v))) == color, (it, v)
-    assert img.getpixel((x(1000), y(0.5))) == (255, 255, 255)  # and nothing where no run scored
+            assert img.getpixel(pixel(it / 1500, v)) == color, (it, v)
+    assert img.getpixel(pixel(1000 / 1500, 0.5)) == (255, 255, 255)  # nothing where none scored
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     monkeypatch.setattr(sys, "argv", ["plot.py", str(empty)])
@@ -1171,9 +1209,7 @@ def test_plot_draws_the_mean_swap_accuracy(tmp_path, monkeypatch):
                                       str(tmp_path / "swaps.png")])
     plot.main()
     img = Image.open(tmp_path / "swaps.png").convert("RGB")
-    x = lambda it: round(plot.LEFT + (plot.W - plot.LEFT - plot.RIGHT) * it / 1000)  # noqa: E731
-    y = lambda v: round(plot.H - plot.BOTTOM - (plot.H - plot.TOP - plot.BOTTOM) * v)  # noqa: E731
-    assert img.getpixel((x(500), y(0.55))) == img.getpixel((x(1000), y(0.75))) == plot.COLORS[0]
+    assert img.getpixel(pixel(0.5, 0.55)) == img.getpixel(pixel(1, 0.75)) == plot.COLORS[0]
 
 
 def test_plot_against_minutes_places_scores_at_the_training_time_spent(tmp_path, capsys,
@@ -1192,13 +1228,11 @@ def test_plot_against_minutes_places_scores_at_the_training_time_spent(tmp_path,
     monkeypatch.setattr(sys, "argv", ["plot.py", *logs.values(), "--x", "minutes", "--out", out])
     plot.main()
     img = Image.open(out).convert("RGB")
-    x = lambda m: round(plot.LEFT + (plot.W - plot.LEFT - plot.RIGHT) * m / 4.0)  # noqa: E731
-    y = lambda v: round(plot.H - plot.BOTTOM - (plot.H - plot.TOP - plot.BOTTOM) * v)  # noqa: E731
     # x spans selfe's 4 minutes. fm: 500 steps at 60 ms = 0.5 min, then 1.0 more, then 0.5 more;
     # selfe twice as long at every point
     for color, minutes in ((plot.COLORS[0], [0.5, 1.5, 2.0]), (plot.COLORS[1], [1.0, 3.0, 4.0])):
         for i, m in enumerate(minutes):
-            assert img.getpixel((x(m), y(0.2 * (i + 1)))) == color, (color, m)
+            assert img.getpixel(pixel(m / 4, 0.2 * (i + 1))) == color, (color, m)
     assert plot.training_minutes({500: 60, 1000: 120})(750) == 1.0  # 0.5 min, then half of 1.0
     untimed = tmp_path / "untimed.jsonl"
     untimed.write_text(json.dumps({"step": 500, "eval_overall": {"2": 0.1, "8": 0.1}}) + "\n")

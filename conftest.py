@@ -1,0 +1,95 @@
+"""What the test files share: the CLI contract's check, a folder of captioned images, a model whose
+output depends on its inputs, two short runs (on the shapes world and on a folder), and a Python
+in a plain-ASCII locale."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
+import cli  # noqa: E402
+import model  # noqa: E402
+import train  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def expect_input_error(main, argv, capsys, monkeypatch):
+    """Run a CLI in-process as its __main__ does; -> its stderr's last line, after checking the
+    contract for bad input: one line that starts with "error:", exit code 2, no traceback."""
+    monkeypatch.setattr(sys, "argv", ["prog", *argv])
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(main)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # a progress bar may come before it
+    assert e.value.code == 2 and last.startswith("error: ") and "Traceback" not in err, err
+    return last
+
+
+def image_folder(root, names, caption=True):
+    """root (a Path) with a 20 px red image per name and, if caption, NAME.txt beside it."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("RGB", (20, 20), "red").save(root / name)
+        if caption:
+            (root / name).with_suffix(".txt").write_text("a photo of a red square")
+    return str(root)
+
+
+def trained_like(net):
+    """Give every zero-initialised layer some weights: a model that depends on its inputs."""
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def export_model(folder, **changes):
+    """An export (no training) of a res-16 model, config as the cpu preset gives it, whose output
+    depends on its prompt, noise and times. The weights follow torch's global seed."""
+    cfg = {**train.DEFAULTS, **train.PRESETS["cpu"], "res": 16, **changes}
+    net = trained_like(model.build_model(cfg, 384))
+    model.export_ema(str(folder), net, cfg, 0, 384)
+    return str(folder)
+
+
+def in_ascii_locale(code):
+    """-> what `python -c code` prints in a plain-ASCII locale with no UTF-8 mode."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
+                       text=True, encoding="utf-8")
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+# Two steps on 2 rows at 16 px, nothing scored or drawn: a run whose files tests read or copy
+TWO_STEPS = ["--preset", "cpu", "--iters", "2", "--batch-size", "2", "--res", "16",
+             "--log-every", "1", "--eval-every", "0", "--sample-every", "100",
+             "--no-final-grid", "--final-eval", "off"]
+
+
+@pytest.fixture(scope="session")
+def shapes_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("shapes") / "run")
+    train.main(["--out", out, *TWO_STEPS])
+    return out
+
+
+@pytest.fixture(scope="session")
+def folder_run(tmp_path_factory):
+    """A run on a folder of two images, both given by relative paths; -> (its folder, the data
+    folder's absolute path). Tests that change the run copy it first."""
+    root = tmp_path_factory.mktemp("lecture")
+    image_folder(root / "pics", ["a.png", "b.png"])
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        train.main(["--out", "run", "--data", "pics", *TWO_STEPS])
+    finally:
+        os.chdir(cwd)
+    return str(root / "run"), str(root / "pics")
