@@ -93,8 +93,8 @@ def parse_args():
     # sampler flags: left out, the checkpoint's method picks them (selfe.SAMPLERS)
     p.add_argument("--cfg", type=float, help="guidance scale omega >= 0 (1 = no guidance; "
                                              "default 5)")
-    p.add_argument("--eta", type=float, help="in [0, 1]: 0 = deterministic Euler (default), 1 = "
-                                             "DDPM-like")
+    p.add_argument("--eta", type=float, help="in [0, 1]: 0 = Euler, the paper's Eq. 22 (default); "
+                                             "1 = DDPM-like, what the paper's tables used")
     p.add_argument("--s-k", help="target time per step: 'next' = t_{k+1} (Self-E's default), or "
                                  "f * t_k, f in (0, 1] (flow matching's default: 1, i.e. s = t)")
     p.add_argument("--uncond-at-t", action=argparse.BooleanOptionalAction,

@@ -190,7 +190,8 @@ def sample(net, noise, cond, null=None, steps=4, cfg=5.0, eta=0.0, s_k="next", s
 
 
 # How each method samples unless told otherwise (measured on ShapesEval: results/README.md).
-# Self-E: the paper's omega 5 and s_k = t_{k+1}; eta 0 and the empty prompt at (t, t) are ours.
+# Self-E: the paper's omega 5, s_k = t_{k+1} and Eq. 22 (eta 0; its tables used eta 1); the
+# empty prompt at (t, t) is ours.
 # Flow matching is asked at s = t (s_k = 1), the only time pair it was trained on.
 SAMPLERS = {"selfe": dict(cfg=5.0, eta=0.0, s_k="next", uncond_at_t=True),
             "fm": dict(cfg=5.0, eta=0.0, s_k=1.0, uncond_at_t=True)}

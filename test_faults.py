@@ -19,7 +19,6 @@ from PIL import Image
 
 import cli
 import model
-import plot
 import sample
 import selfe
 import shapes
@@ -389,7 +388,7 @@ class Log:
 
 
 def write_synced(path, write, real=model.write_synced):
-    if path.endswith("ckpt.pt.tmp") and reached("write"):
+    if os.path.basename(path).startswith("ckpt.pt") and reached("write"):
         buf = io.BytesIO()
         write(buf)
         with open(path, "wb") as f:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -943,26 +942,6 @@ def test_a_caption_table_past_its_budget_is_a_file_and_half_precision_stays_clos
     assert on_file.on_file and os.path.getsize(tmp_path / "text_tokens.npy") > 40 * 16 * 384 * 4
     for fake in (False, True):
         assert all(torch.equal(a, b) for a, b in zip(memory(ids, fake), on_file(ids, fake)))
-
-
-def test_a_training_step_never_calls_the_text_encoder(tmp_path, monkeypatch):
-    """Every caption (and fake prompt, the term on from step 2) is encoded before the first step;
-    a step gathers rows of the table."""
-    calls, steps, encode = [], [], model.TextEncoder.encode
-    monkeypatch.setattr(model.TextEncoder, "encode",
-                        lambda self, c: calls.append(len(steps)) or encode(self, c))
-    loss_fn = selfe.selfe_loss
-
-    def spy(net, x0, cond, null, fake, *args, **kwargs):
-        if len(x0) == 8:  # a training step's (the start-up memory estimate's are of 2 and 4 rows)
-            steps.append(fake)
-        return loss_fn(net, x0, cond, null, fake, *args, **kwargs)
-    monkeypatch.setattr(selfe, "selfe_loss", spy)
-    train.main(["--out", str(tmp_path), "--preset", "cpu", "--iters", "4", "--batch-size", "8",
-                "--res", "16", "--aux-start", "0.5", "--eval-every", "0", "--no-final-grid",
-                "--sample-every", "100", "--final-eval", "off"])
-    assert len(steps) == 4 and steps[1] is None and steps[2] is not None  # the fakes from step 2
-    assert calls and set(calls) == {0}  # all before the first step
 
 
 def test_the_preset_says_when_the_fake_score_term_comes_on_and_a_flag_wins():

@@ -133,41 +133,49 @@ def energy_distance(x, c, centres):
     return torch.stack(out).mean().item()
 
 
+def variants(aux_start, k):
+    """-> {name: (method, aux_start)}: flow matching, Self-E with the classifier score alone and,
+    when the fake-score term is asked for, Self-E with it from aux_start on (the paper's second
+    stage)."""
+    out = {"flow matching": ("fm", 1.0), "Self-E": ("selfe", 1.0)}
+    if aux_start < 1:
+        out[f"+ fake score, k {k:g} from {aux_start:g}"] = ("selfe", aux_start)
+    return out
+
+
 def evaluate(models, centres):
-    """-> {(method, cfg, steps): (accuracy, energy distance)}, and the cfg-1 samples to draw."""
+    """models: {name: (method, EMA)} -> {(name, cfg, steps): (accuracy, energy distance)}, and the
+    cfg-1 samples to draw."""
     scores, shown = {}, {}
-    for method, model in models.items():
+    for name, (method, model) in models.items():
         for cfg in (1.0, 5.0):
             for steps in STEPS:
                 x, c = draw_samples(model, method, steps, cfg)
-                scores[method, cfg, steps] = (accuracy(x, c, centres),
-                                              energy_distance(x, c, centres))
+                scores[name, cfg, steps] = (accuracy(x, c, centres),
+                                            energy_distance(x, c, centres))
                 if cfg == 1.0:
-                    shown[method, steps] = (x, c)
+                    shown[name, steps] = (x, c)
     return scores, shown
 
 
-NAMES = {"fm": "flow matching", "selfe": "Self-E"}
-
-
-def table(scores, cfg):
+def table(scores, cfg, names):
     head = " | ".join(f"{k} step{'s' * (k > 1)}" for k in STEPS)
     lines = [f"| cfg {cfg:g}: accuracy / energy distance | {head} |",
              "|---" * (len(STEPS) + 1) + "|"]
-    for method in NAMES:
-        cells = " | ".join("{:.2f} / {:.2f}".format(*scores[method, cfg, k]) for k in STEPS)
-        lines.append(f"| {NAMES[method]} | {cells} |")
+    for name in names:
+        cells = " | ".join("{:.2f} / {:.2f}".format(*scores[name, cfg, k]) for k in STEPS)
+        lines.append(f"| {name} | {cells} |")
     return "\n".join(lines)
 
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14)]
 
 
-def picture(shown, centres, path, title, cell=180, span=5.5):
-    """A row per method, a column per step count: samples coloured by class over the true modes."""
+def picture(shown, centres, names, path, title, cell=180, span=5.5):
+    """A row per model, a column per step count: samples coloured by class over the true modes."""
     font = ImageFont.load_default(size=14)
-    left, top = 110, 56
-    img = Image.new("RGB", (left + cell * len(STEPS), top + cell * len(NAMES)), "white")
+    left, top = 16 + max(110, max(font.getlength(n) for n in names)), 56
+    img = Image.new("RGB", (round(left) + cell * len(STEPS), top + cell * len(names)), "white")
     draw = ImageDraw.Draw(img)
     draw.text((8, 6), title, fill="black", font=font)
     px = lambda p, i, j: (left + j * cell + cell / 2 + p[0] * cell / (2 * span),  # noqa: E731
@@ -175,9 +183,8 @@ def picture(shown, centres, path, title, cell=180, span=5.5):
     for j, steps in enumerate(STEPS):
         draw.text((left + j * cell + cell / 2, top - 8), f"{steps} step{'s' * (steps > 1)}",
                   fill="black", font=font, anchor="mb")
-    for i, method in enumerate(NAMES):
-        draw.text((8, top + i * cell + cell / 2), NAMES[method], fill="black", font=font,
-                  anchor="lm")
+    for i, name in enumerate(names):
+        draw.text((8, top + i * cell + cell / 2), name, fill="black", font=font, anchor="lm")
         for j, steps in enumerate(STEPS):
             draw.rectangle([left + j * cell, top + i * cell, left + (j + 1) * cell - 1,
                             top + (i + 1) * cell - 1], outline=(200, 200, 200))
@@ -185,7 +192,7 @@ def picture(shown, centres, path, title, cell=180, span=5.5):
                 x, y = px(m, i, j)
                 r = 3 * STD * cell / (2 * span)
                 draw.ellipse([x - r, y - r, x + r, y + r], outline=COLORS[k % CLASSES], width=2)
-            points, c = shown[method, steps]
+            points, c = shown[name, steps]
             for p, k in zip(points[:1000].tolist(), c[:1000].tolist()):
                 x, y = px(p, i, j)
                 draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=COLORS[k])
@@ -202,29 +209,33 @@ def main():
     p.add_argument("--no-renorm", action="store_true",
                    help="the paper's 'w/o target norm' ablation")
     p.add_argument("--aux-start", type=float, default=1.0,
-                   help="fraction of the run after which the fake-score term is on (1 = never)")
+                   help="below 1: a third model, Self-E with the fake-score term on after this "
+                        "fraction of the run (the paper's second stage)")
+    p.add_argument("--k", type=float, default=0.9,
+                   help="the classifier score's share once the term is on (paper: 0.9)")
     p.add_argument("--out", default="toy.png", help="the picture (the first seed, cfg 1)")
     args = p.parse_args()
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas")
-    if args.iters < 1 or not 0 <= args.aux_start <= 1:
-        p.error("--iters must be at least 1 and --aux-start lie in [0, 1]")
+    if args.iters < 1 or not 0 <= args.aux_start <= 1 or not 0 <= args.k <= 1:
+        p.error("--iters must be at least 1, --aux-start and --k lie in [0, 1]")
     torch.set_num_threads(1)  # a 2-D toy gains nothing from more threads
     centres, t0, runs = modes(args.layout), time.perf_counter(), []
+    names = variants(args.aux_start, args.k)
     for seed in seeds:
-        models = {m: train(m, centres, seed, args.iters, renorm=not args.no_renorm,
-                           aux_start=args.aux_start) for m in NAMES}
+        models = {name: (m, train(m, centres, seed, args.iters, renorm=not args.no_renorm,
+                                  aux_start=a, k=args.k)) for name, (m, a) in names.items()}
         runs.append(evaluate(models, centres))
         print(f"seed {seed}: trained and sampled ({time.perf_counter() - t0:.0f} s so far)")
     scores = {key: tuple(sum(r[0][key][i] for r in runs) / len(runs) for i in range(2))
               for key in runs[0][0]}
     print(f"\n{args.layout} layout, {args.iters} steps, mean of seeds {args.seeds}:\n")
-    print(table(scores, 1.0) + "\n\n" + table(scores, 5.0))
+    print(table(scores, 1.0, names) + "\n\n" + table(scores, 5.0, names))
     title = (f"{args.layout} layout, seed {seeds[0]}, no guidance: the same model at every step "
              f"count (rings: true modes)")
-    picture(runs[0][1], centres, args.out, title)
+    picture(runs[0][1], centres, names, args.out, title)
     print(f"\nwrote {args.out} in {time.perf_counter() - t0:.0f} s")
 
 
