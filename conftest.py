@@ -39,20 +39,24 @@ def image_folder(root, names, caption=True):
     return str(root)
 
 
-def trained_like(net):
-    """Give every zero-initialised layer some weights: a model that depends on its inputs."""
-    torch.manual_seed(6)
+def trained_like(net, seed=6):
+    """Add noise of std 0.05 to every weight, so that the zero-initialised layers (adaLN-Zero, the
+    output) come alive: a model whose output depends on its inputs. torch's global seed is left
+    as it was."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
     return net
 
 
-def export_model(folder, **changes):
-    """An export (no training) of a res-16 model, config as the cpu preset gives it, whose output
-    depends on its prompt, noise and times. The weights follow torch's global seed."""
+def export_model(folder, seed=0, **changes):
+    """An export (no training) of a res-16 model, config as the cpu preset gives it, made by
+    trained_like from the weights torch draws at `seed`: another seed, other weights."""
     cfg = {**train.DEFAULTS, **train.PRESETS["cpu"], "res": 16, **changes}
-    net = trained_like(model.build_model(cfg, 384))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = trained_like(model.build_model(cfg, 384))
     model.export_ema(str(folder), net, cfg, 0, 384)
     return str(folder)
 

@@ -421,21 +421,28 @@ cli.run_cli(train.main)
 def start(out, hold, *extra, workers=0):
     """train.py on RUN with HELD's hold, in a session of its own as timeout, torchrun and
     schedulers start it (a signal to its process group reaches data workers too); -> (the process,
-    the mark it makes when it holds)."""
+    the mark it makes when it holds). Its output goes to files, which never fill up as a pipe
+    that nobody reads would."""
     mark = out + ".held"
-    proc = subprocess.Popen([sys.executable, "-c", HELD, "--out", out, *RUN, *extra,
-                             *(["--workers", str(workers)] if workers else [])],
-                            cwd=HERE, env={**ENV, "HOLD": hold, "HOLD_MARK": mark},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    with open(out + ".stdout", "w") as stdout, open(out + ".stderr", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", HELD, "--out", out, *RUN, *extra,
+                                 *(["--workers", str(workers)] if workers else [])],
+                                cwd=HERE, env={**ENV, "HOLD": hold, "HOLD_MARK": mark},
+                                stdout=stdout, stderr=stderr, start_new_session=True)
     return proc, mark
+
+
+def ended(proc, out):
+    """Wait for the run's end; -> (its stdout, its stderr)."""
+    proc.wait(timeout=120)
+    return tuple(open(out + part).read() for part in (".stdout", ".stderr"))
 
 
 def held(proc, mark, timeout=300):
     """Wait until the run holds at its moment (the wall clock only bounds the wait)."""
     t0 = time.time()
     while not os.path.exists(mark):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert proc.poll() is None, "the run ended before its moment"
         assert time.time() - t0 < timeout, "the run never reached its moment"
         time.sleep(0.02)
     os.remove(mark)
@@ -471,14 +478,15 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.gpu_path)])
 def test_a_stop_signal_to_the_group_saves_at_that_step_and_resumes_bit_exact(workers, reference,
                                                                            tmp_path):
-    """Ctrl-C, then SIGTERM, to the whole process group, data workers and all: each run saves the
-    step it was at and says so; the runs together equal the run in one go, bit for bit."""
+    """Ctrl-C, then SIGTERM, to the whole process group (with --workers 2, the data workers too):
+    each run saves the step it was at and says so; the runs together equal the run in one go, bit
+    for bit."""
     out = str(tmp_path / "run")
     for sig, at, extra in ((signal.SIGINT, 15, ()), (signal.SIGTERM, 40, ("--resume",))):
         proc, mark = start(out, f"log:{at}", *extra, workers=workers)
         held(proc, mark)
         os.killpg(proc.pid, sig)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = ended(proc, out)
         assert proc.returncode == 0 and f"interrupted at step {at}:" in stdout, stderr[-2000:]
         assert "Traceback" not in stderr and "Error" not in stderr, stderr[-2000:]
         assert model.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == at
@@ -491,10 +499,10 @@ def test_a_stop_signal_to_the_group_saves_at_that_step_and_resumes_bit_exact(wor
 def test_a_data_worker_that_dies_is_one_line_naming_the_last_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     proc, mark = start(out, "log:12", "--ckpt-every", "5", workers=2)
-    held(proc, mark)
+    held(proc, mark)  # no signal comes: torch's SIGCHLD handler raises out of the hold
     with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
         os.kill(int(f.read().split()[0]), signal.SIGKILL)  # as the out-of-memory killer would
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = ended(proc, out)
     last = stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
     # torch says "is killed by signal: Killed" or "exited unexpectedly": whichever check saw it
@@ -528,17 +536,19 @@ def test_sigterm_during_the_final_evaluation_stops_it_with_the_run_saved(tmp_pat
 @pytest.mark.slow
 def test_kill_9_in_a_checkpoint_write_leaves_the_last_whole_one(reference, tmp_path):
     """kill -9 with half of a checkpoint on disk, with all of it not yet renamed, and between the
-    checkpoint and its export: each time ckpt.pt is the last whole checkpoint, and the run resumed
-    from it ends where the run in one go does, bit for bit."""
+    checkpoint and its export: each time ckpt.pt is the last whole checkpoint and model/ the last
+    whole export, and the run resumed from ckpt.pt ends where the run in one go does, bit for
+    bit."""
     out = str(tmp_path / "run")
-    for hold, extra, step in (("write:3", (), 2), ("rename:2", ("--resume",), 3),
-                              ("export:1", ("--resume",), 4)):
+    for hold, extra, step, exported in (("write:3", (), 2, 2), ("rename:2", ("--resume",), 3, 3),
+                                        ("export:1", ("--resume",), 4, 3)):
         proc, mark = start(out, hold, "--ckpt-every", "1", *extra)
         held(proc, mark)
         proc.kill()
         proc.wait()
         ckpt = model.read_checkpoint(os.path.join(out, "ckpt.pt"))
         assert ckpt["step"] == step and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+        assert model.load_checkpoint(os.path.join(out, "model"))[2] == exported
     assert_same_state(finish(out, "--resume"), reference)
 
 

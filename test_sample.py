@@ -141,8 +141,7 @@ def test_a_damaged_or_foreign_export_is_one_line(case, expected, export, tmp_pat
                                                  monkeypatch):
     folder = tmp_path / "model"
     shutil.copytree(export, folder)
-    torch.manual_seed(1)
-    damage(folder, case, export_model(tmp_path / "other"))
+    damage(folder, case, export_model(tmp_path / "other", seed=1))
     argv = ["--ckpt", str(folder), "--prompt", "x", "--out", str(tmp_path / "s")]
     assert expected in expect_input_error(sample.main, argv, capsys, monkeypatch)
     assert not os.path.exists(tmp_path / "s")
@@ -159,14 +158,13 @@ def test_a_kill_between_the_renames_leaves_no_pair_that_loads(tmp_path, monkeypa
         replace(src, dst)
 
     monkeypatch.setattr(os, "replace", killed_before_config)
-    torch.manual_seed(1)
     with pytest.raises(KeyboardInterrupt):
-        export_model(tmp_path / "model")
+        export_model(tmp_path / "model", seed=1)
     assert renamed == [os.path.join(folder, "model.safetensors")]  # new weights, old config
     with pytest.raises(model.InputError, match="is not the file"):
         model.load_checkpoint(folder)
     monkeypatch.setattr(os, "replace", replace)
-    export_model(tmp_path / "model")  # the next save makes it whole again
+    export_model(tmp_path / "model", seed=1)  # the next save makes it whole again
     model.load_checkpoint(folder)
 
 
@@ -218,13 +216,14 @@ def test_a_prompts_file_is_utf_8_with_or_without_a_bom_in_any_locale(tmp_path):
 
 
 def test_the_empty_prompt_samples_unprompted(export, tmp_path, monkeypatch):
-    out = tmp_path / "s"
-    run_sample(["--ckpt", export, "--prompt", "", "--prompt", "a red circle", "--steps", "1",
-                "--out", str(out)], monkeypatch)
-    names = ["000_00_1steps_.png", "001_00_1steps_a-red-circle.png"]
-    assert sorted(os.listdir(out / "images")) == names
-    empty, red = (Image.open(out / "images" / n).tobytes() for n in names)
-    assert empty != red  # the same noise, another condition
+    drawn = []
+    for prompt, name in (("", "000_00_1steps_.png"), ("a red circle",
+                                                      "000_00_1steps_a-red-circle.png")):
+        run_sample(["--ckpt", export, "--prompt", prompt, "--steps", "1", "--out",
+                    str(tmp_path / name)], monkeypatch)
+        assert os.listdir(tmp_path / name / "images") == [name]
+        drawn.append(Image.open(tmp_path / name / "images" / name).tobytes())
+    assert drawn[0] != drawn[1]  # the same seed and noise, another condition
 
 
 def set_config(folder, **changes):

