@@ -49,7 +49,7 @@ def spied_run(out, argv):
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """The cpu preset's flags, the fake-score term on from the third of 4 steps (--aux-start 0.5)."""
+    """The cpu preset's flags, the fake-score term on from the third of 4 steps (aux 0.5)."""
     return spied_run(tmp_path_factory.mktemp("default"), ["--aux-start", "0.5", "--no-final-grid"])
 
 
