@@ -15,6 +15,8 @@ import model  # noqa: E402
 import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+HUNG = 1800  # seconds: the limit of a subprocess's wait, which only a hung process reaches, even
+# on a machine busy with other work (a 120-step run took over 10 minutes beside 4 such processes)
 
 
 def expect_input_error(main, argv, capsys, monkeypatch):

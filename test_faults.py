@@ -23,7 +23,7 @@ import sample
 import selfe
 import shapes
 import train
-from conftest import HERE, expect_input_error, image_folder, in_ascii_locale
+from conftest import HERE, HUNG, expect_input_error, image_folder, in_ascii_locale
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 # A short run whose steps are fast; the fake-score term switches on and the tau ramp ends inside it
@@ -103,7 +103,7 @@ def test_checkpoint_errors_for_train_and_sample(shapes_run, tmp_path, capsys, mo
 def test_the_real_command_line_prints_one_line(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "o")],
-                       cwd=HERE, capture_output=True, text=True, env=ENV, timeout=300)
+                       cwd=HERE, capture_output=True, text=True, env=ENV, timeout=HUNG)
     assert (r.returncode == 2 and r.stderr.strip().count("\n") == 0
             and r.stderr.startswith("error: --data"))
 
@@ -336,7 +336,7 @@ def test_gpu_check_takes_an_empty_out_folder_and_refuses_one_with_files(tmp_path
     def check(out):
         return subprocess.run(["bash", "gpu_check.sh", "--tiny", "--budget", "0", "--out", out],
                               cwd=HERE, env={**ENV, "PYTHON": sys.executable},
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=HUNG)
     (tmp_path / "empty").mkdir()
     r = check(str(tmp_path / "empty"))
     assert r.returncode == 0 and (tmp_path / "empty" / "report" / "summary.md").exists(), r.stderr
@@ -434,11 +434,11 @@ def start(out, hold, *extra, workers=0):
 
 def ended(proc, out):
     """Wait for the run's end; -> (its stdout, its stderr)."""
-    proc.wait(timeout=120)
+    proc.wait(timeout=HUNG)
     return tuple(open(out + part).read() for part in (".stdout", ".stderr"))
 
 
-def held(proc, mark, timeout=300):
+def held(proc, mark, timeout=HUNG):
     """Wait until the run holds at its moment (the wall clock only bounds the wait)."""
     t0 = time.time()
     while not os.path.exists(mark):
@@ -450,7 +450,7 @@ def held(proc, mark, timeout=300):
 
 def finish(out, *extra):
     r = subprocess.run([sys.executable, "train.py", "--out", out, *RUN, *extra], cwd=HERE, env=ENV,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=HUNG)
     assert r.returncode == 0, r.stderr[-2000:]
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
 
@@ -677,7 +677,7 @@ def test_two_processes_with_gloo_hold_identical_weights_and_resume(tmp_path):
               str(wrapper), "--out", out, *RUN, "--batch-size", "8", "--aux-start", "0"]
     for extra in (["--iters", "3"], ["--iters", "5", "--resume"]):
         r = subprocess.run(launch + extra, cwd=HERE, env=ENV, capture_output=True, text=True,
-                           timeout=600)
+                           timeout=HUNG)
         assert r.returncode == 0, r.stderr[-3000:]
         w0, w1 = (torch.load(os.path.join(out, f"rank{i}.pt"), weights_only=True) for i in (0, 1))
         assert all(torch.equal(w0[k], w1[k]) for k in w0)

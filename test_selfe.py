@@ -24,7 +24,7 @@ import selfe
 import shapes
 import toy
 import train
-from conftest import HERE, TWO_STEPS, expect_input_error, trained_like
+from conftest import HERE, HUNG, TWO_STEPS, expect_input_error, trained_like
 
 
 def rows(x):
@@ -980,7 +980,7 @@ def test_mfu_knows_gpu_variants_apart():
 
 def run(*args):
     r = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True,
-                       timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                       timeout=HUNG, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout + r.stderr
 
