@@ -106,6 +106,7 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, fm=False, tau=
     x_t = add_noise(x0, t, torch.randn_like(x0))  # Eq. 1
     x0_hat = G(net, x_t, t, s, cond)  # Eq. 6: the one pass with gradient, (B, ...)
     target, aux = x0, x0.new_zeros(1)  # rows with s = t learn the data alone: flow matching
+    pass_rows = 3 * B  # for the FLOP count: rows of every pass, one with gradient counted 3 times
     if m > 0:  # the model judges its own jumps; on rows [0, m) only, since lam = 0 elsewhere
         x0_sg, t_m, s_m, x0_m = x0_hat[:m].detach(), t[:m], s[:m], x0[:m]
         # re-noise the jump's answer to s with fresh noise, then ask the model as a plain FM
@@ -114,11 +115,14 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, fm=False, tau=
             x_s = add_noise(x0_sg, s_m, torch.randn_like(x0_sg))
             judge = net if eval_net is None else eval_net
             G_c = G(judge, x_s, s_m, s_m, each(lambda c: c[:m], cond))
-            G_u = G(net, x_s, s_m, s_m, each(lambda c: c[:m], null))
+            classifier = fake is None or k > 0  # at k = 0 the mix holds no classifier score
+            G_u = G(net, x_s, s_m, s_m, each(lambda c: c[:m], null)) if classifier else G_c
         delta = G_u - G_c  # Tweedie: proportional to -grad log q(c | x_s), the classifier score
+        pass_rows += m * (1 + classifier)
         if fake is not None:  # appendix: the same net learns the mean of its OWN samples
             G_fake = G(net, x_s, s_m, s_m, each(lambda c: c[:m], fake))
             aux = sq_err(G_fake, x0_sg) / s_m.clamp(min=1e-2) ** 2  # weight 1/s^2, s >= 0.01 (ours)
+            pass_rows += 3 * m
             # appendix: k times the classifier score, (1 - k) times the fake-score correction
             delta = k * delta + (1 - k) * (G_fake.detach() - G_c)
         x_self = x0_sg - delta  # Eq. 14
@@ -134,9 +138,10 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, fm=False, tau=
     if not renorm:
         per_row = per_row * (1 + lambda_st(t, s))  # Eq. 16: two squares folded into one
     loss = per_row.mean() + aux.sum() / B
-    # stats stay on the device (reading one costs a sync); jump_rows: m, for the FLOP count
+    # stats stay on the device (reading one costs a sync)
     frac_self = (s < t).float().mean()
-    return loss, {"frac_self": frac_self, "aux": aux.detach().sum() / B, "jump_rows": m}
+    return loss, {"frac_self": frac_self, "aux": aux.detach().sum() / B, "jump_rows": m,
+                  "pass_rows": pass_rows}
 
 
 # -------------------------------------------------------------------------------------------------

@@ -145,8 +145,9 @@ def test_the_loss_is_eqs_14_to_21_by_hand(renorm):
     assert torch.allclose(loss, per_row.mean(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("k", [None, 0.3])  # None: the paper's 0.9 when not given
+@pytest.mark.parametrize("k", [None, 0.3, 0.0])  # None: the paper's 0.9 when not given
 def test_the_fake_score_term_mixes_with_k_and_adds_its_own_loss(k):
+    """The appendix's mix; at k 0 without the empty prompt's pass, which it does not need."""
     torch.manual_seed(3)
     net = Recorder(ConstantG())
     B, x0 = 8, torch.randn(8, 1, 2, 2)
@@ -164,6 +165,9 @@ def test_the_fake_score_term_mixes_with_k_and_adds_its_own_loss(k):
     aux = rows(G(fake) - x0_hat).pow(2).mean(1)[:m] / s[:m] ** 2  # its own loss, weight 1/s^2
     assert torch.allclose(loss, data_term + aux.sum() / B, rtol=1e-5)
     assert torch.allclose(stats["aux"], aux.sum() / B)
+    passes = [B, m, m, m] if k != 0 else [B, m, m]  # x0_hat; G_c, G_u, G_fake; G_u at k > 0 only
+    assert [c["n"] for c in net.calls] == passes
+    assert stats["pass_rows"] == 3 * B + m * (len(passes) - 2) + 3 * m  # grad passes count 3
 
 
 def test_fm_baseline_never_runs_the_extra_passes():

@@ -353,7 +353,7 @@ def train(argv, interrupt):
                                  f"non-finite loss or gradient (by step {step}); stopped. "
                                  f"{saved} with a lower --lr or --clip")
             seconds, timed = clock.lap()
-            flops = step_flops(model, cfg["text_len"], batch, stats["jump_rows"], fake is not None)
+            flops = step_flops(model, cfg["text_len"], stats["pass_rows"])
             fig = speed(seconds, timed, flops, cfg["batch_size"], device) if timed else {}
             rec = {"step": step, **tally.read(), "grad_norm": grad_norm.item(),
                    "aux": float(stats["aux"]), "lr": lr_at(step - 1, cfg),
@@ -648,13 +648,13 @@ class Clock:
         return out
 
 
-def step_flops(model, text_len, batch, jump_rows, fake):
-    """FLOPs of a step on one process: the pass with gradient (forward + backward = 3 forwards) on
-    every row, the two no-grad judges on the jump rows, and their fake-score pass (grad) when on.
-    None for a network without .flops (optional: the log then shows no MFU)."""
+def step_flops(model, text_len, pass_rows):
+    """FLOPs of a step on one process: pass_rows forward rows (selfe_loss counts them: a pass with
+    gradient, forward and backward, as 3). None for a network without .flops (optional: the log
+    then shows no MFU)."""
     if not hasattr(model, "flops"):
         return None
-    return model.flops(text_len) * (3 * batch + 2 * jump_rows + (3 * jump_rows if fake else 0))
+    return model.flops(text_len) * pass_rows
 
 
 def saved_bytes(run, rows, weights):
