@@ -77,7 +77,8 @@ DEFAULTS = {k: v for k, (v, _) in CONFIG.items()}
 PRESETS = {
     # 2600 iterations: the most that fit about 15 minutes on 2 CPU cores with the table at the end;
     # warm-up 100 (the paper: 1k of 710k); ours: the fake-score term alone (k 0) from half the
-    # run, which beat the paper's k 0.9 from 77 % and no term at 2 steps (measured: results/);
+    # run, which beat the paper's k 0.9 from 77 % and no term at 2 steps here, but costs the
+    # many-step samples at 10400 iterations (measured: results/);
     # workers 0: both cores are busy with the step
     "cpu": dict(model="tiny", res=32, patch=4, text_len=16, batch_size=32, iters=2600, lr=1e-3,
                 warmup=100, aux_start=0.5, k=0.0, compile=False, bf16=False, workers=0,
