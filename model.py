@@ -354,6 +354,22 @@ class TextEncoder:
         ids = self.tokenizer(list(captions), truncation=False, padding=False, verbose=False)
         return [len(row) for row in ids["input_ids"]]
 
+    def fake_prompts(self, captions):
+        """selfe.fake_prompts, a caption too long for max_len first cut by whole words until its
+        suffix fits (ours): cut off, the suffix would leave the fake prompt the caption itself."""
+        def fits(words):
+            return self.count_tokens(selfe.fake_prompts([" ".join(words)]))[0] <= self.max_len
+        fakes = selfe.fake_prompts(captions)
+        for i, n in enumerate(self.count_tokens(fakes)):
+            if n > self.max_len:  # the most words that fit, by bisection
+                words = captions[i].split()
+                lo, hi = 0, len(words)
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if fits(words[:mid]) else (lo, mid - 1)
+                fakes[i] = selfe.fake_prompts([" ".join(words[:lo])])[0]
+        return fakes
+
     @torch.no_grad()
     def encode(self, captions):
         """Captions -> (tokens (B, L, Dt), mask (B, L), pooled (B, Dt)) on the encoder's device."""
@@ -392,7 +408,7 @@ class TextTable:
     def __init__(self, text, captions, fake=False, dtype=torch.float32, folder="."):
         self.captions = sorted(set(captions))
         self.row = {c: i for i, c in enumerate(self.captions)}  # caption -> row id
-        prompts = self.captions + (selfe.fake_prompts(self.captions) if fake else [])
+        prompts = self.captions + (text.fake_prompts(self.captions) if fake else [])
         n, L, device = len(prompts), text.max_len, text.device
         self.on_file = n * L * text.dim * dtype.itemsize > TABLE_BUDGET
         writer = not dist.is_initialized() or dist.get_rank() == 0
@@ -414,8 +430,10 @@ class TextTable:
             if not states.isfinite().all():
                 raise InputError(f"text encoder {text.name!r}: its outputs overflow {dtype}; "
                                  f"train without --bf16")
-            if writer:
-                self.tokens[i:j] = states.cpu().numpy() if self.on_file else states
+            if not self.on_file:  # every process holds the whole table
+                self.tokens[i:j] = states
+            elif writer:  # one process writes the file; the others read it below
+                self.tokens[i:j] = states.cpu().numpy()
         text.model.to("cpu")  # the prompts met later (grids, sampling) are encoded on the CPU
         if self.on_file:
             if writer:

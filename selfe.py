@@ -56,7 +56,7 @@ def sample_times(n, tau, m, shift=1.0, device=None):
     have s = t. tau ramps 0 -> 1 early in training: jumps grow from nothing to the whole path."""
     t = shift_time(torch.sigmoid(torch.randn(n, device=device)), shift)
     t = t.clamp(1e-3, 1 - 1e-3)  # keeps t / (1 - t) and 1 / t^2 finite (ours)
-    s = (t - tau * t * torch.rand(n, device=device)).clamp(min=1e-3)
+    s = (t - tau * t * torch.rand(n, device=device)).clamp(min=1e-3)  # s > 0 as well (ours)
     return t, torch.where(torch.arange(n, device=device) < m, s, t)
 
 
@@ -97,7 +97,9 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, fm=False, tau=
     Without renorm, Eqs. 16-18: |x0_hat - x0|^2 + lam |x0_hat - x_self|^2, one regression on the
     mix (x0 + lam x_self) / (1 + lam) times (1 + lam); renorm (Eq. 19) rescales the mix instead."""
     B, dev = x0.shape[0], x0.device
-    m = 0 if fm else round((1 - p_equal) * B)  # rows [0, m) jump (s < t); the rest have s = t
+    # rows [0, m) jump (s < t), the rest have s = t: a fixed share of every batch (ours; the paper
+    # draws each row's s = t with probability p_equal)
+    m = 0 if fm else round((1 - p_equal) * B)
     drop = null_rows(B, m, p_null, null_any_s, dev)  # (a dropped prompt drops its fake one too)
     cond = each(lambda c, n: torch.where(bcast(drop, c), n, c), cond, null)
     if fake is not None:
@@ -110,7 +112,8 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, fm=False, tau=
     if m > 0:  # the model judges its own jumps; on rows [0, m) only, since lam = 0 elsewhere
         x0_sg, t_m, s_m, x0_m = x0_hat[:m].detach(), t[:m], s[:m], x0[:m]
         # re-noise the jump's answer to s with fresh noise, then ask the model as a plain FM
-        # model; in float32 under bf16 autocast, which scrambles G_u - G_c's direction (results/)
+        # model; in float32 under bf16 autocast, which scrambles G_u - G_c's direction (results/);
+        # on a CUDA GPU float32 matrix products run in TF32 (model.allow_tf32)
         with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
             x_s = add_noise(x0_sg, s_m, torch.randn_like(x0_sg))
             judge = net if eval_net is None else eval_net
@@ -119,7 +122,8 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, fm=False, tau=
             G_u = G(net, x_s, s_m, s_m, each(lambda c: c[:m], null)) if classifier else G_c
         delta = G_u - G_c  # Tweedie: proportional to -grad log q(c | x_s), the classifier score
         pass_rows += m * (1 + classifier)
-        if fake is not None:  # appendix: the same net learns the mean of its OWN samples
+        if fake is not None:  # appendix: the same net learns the mean of its OWN samples; its
+            # pass, on the online weights, also gives the mix its G_fake (ours: one pass for both)
             G_fake = G(net, x_s, s_m, s_m, each(lambda c: c[:m], fake))
             aux = sq_err(G_fake, x0_sg) / s_m.clamp(min=1e-2) ** 2  # weight 1/s^2, s >= 0.01 (ours)
             pass_rows += 3 * m

@@ -147,6 +147,26 @@ def test_count_tokens_counts_past_the_text_length(tmp_path):
     assert enc([long])[1].sum() == 8  # the encoding itself is cut at max_len
 
 
+@pytest.mark.parametrize("kind", ["default", "t5"])
+@pytest.mark.parametrize("above", [0, 1])  # a caption of exactly --text-len tokens, one above
+def test_a_fake_prompt_differs_from_its_caption_however_long(kind, above, tmp_path):
+    """The encoder cuts at --text-len: a caption that fills it would cut " fake image" off its fake
+    prompt, which would then be the caption itself. The caption gives up words to the suffix."""
+    enc = model.TextEncoder("default" if kind == "default" else encoder_folder(tmp_path, kind), 16)
+    words = ("a photo of a red circle and two blue squares and three green circles and one red "
+             "square").split()
+    caption = next(" ".join(words[:n]) for n in range(len(words))
+                   if enc.count_tokens([" ".join(words[:n])]) == [16 + above])
+    table = model.TextTable(enc, [caption], fake=True)
+    (tokens, mask, _), (fake_tokens, fake_mask, _) = table(torch.tensor([0])), table(
+        torch.tensor([0]), fake=True)
+    assert mask.all() and fake_mask.all() and not torch.equal(tokens, fake_tokens)
+    fake = enc.fake_prompts([caption])[0]
+    assert fake.endswith(" fake image") and caption.startswith(fake[:-len(" fake image")])
+    assert enc.count_tokens([fake]) == [16]  # as many words as fit
+    assert enc.fake_prompts(["a red circle"]) == selfe.fake_prompts(["a red circle"])
+
+
 # -------------------------------------------------------------------------------------------------
 # 2. A run end to end with T5 and with CLIP
 

@@ -214,11 +214,15 @@ def test_the_hugging_face_imagefolder_layout_with_subfolders(tmp_path, capsys):
 
 def test_long_captions_are_reported_once_and_grid_labels_cut(tmp_path, capsys):
     text = model.TextEncoder("default", 16)
-    cfg = {**train.DEFAULTS, **train.PRESETS["cpu"]}
+    cfg = {**train.DEFAULTS, **train.PRESETS["cpu"], "aux_start": 1.0}
     long = "a photo of " + "a very red circle " * 100
     train.print_notes(cfg, text, ["a red circle", long, long])
     notes = capsys.readouterr().out
     assert notes.count("\n") == 1 and "captions: 1 of 2 are longer than --text-len 16" in notes
+    train.print_notes({**cfg, "aux_start": 0.5}, text, ["a red circle", long, long])
+    notes = capsys.readouterr().out  # with the fake-score term, the fake prompts cut to fit
+    assert notes.count("\n") == 2 and ("fake prompts: 1 of 2 captions give up their last words "
+                                       "so that the fake prompt keeps \"fake image\"") in notes
     images = {2: torch.zeros(2, 3, 8, 8)}
     shapes.save_grid(images, ["a red circle", long], str(tmp_path / "grid.png"))
     assert Image.open(tmp_path / "grid.png").width < 700  # not as wide as the caption
@@ -322,13 +326,19 @@ class StudentNet(torch.nn.Module):
         return self.net(x, t, s, cond)
 
 
-def test_a_network_without_flops_trains_and_logs_no_mfu(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "build_model", lambda cfg, dim: StudentNet(model.build_model(
-        cfg, dim)))
+@pytest.mark.parametrize("own", [False, True])
+def test_the_log_shows_mfu_for_a_network_with_flops_and_none_without(own, tmp_path, monkeypatch):
+    """On a device whose peak is known (here every device, even this CPU) the log shows MFU; a
+    network of one's own without .flops trains all the same, with no MFU."""
+    monkeypatch.setattr(train, "peak_flops", lambda name: 1e12)
+    if own:
+        monkeypatch.setattr(train, "build_model", lambda cfg, dim: StudentNet(model.build_model(
+            cfg, dim)))
     out = str(tmp_path / "run")
-    train.main(["--out", out, *RUN, "--iters", "2", "--no-final-grid"])
+    train.main(["--out", out, *RUN, "--iters", "3", "--aux-start", "0", "--no-final-grid"])
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    assert [r["step"] for r in log] == [1, 2] and all("mfu" not in r for r in log)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert [("mfu" in r) for r in log] == [False, not own, not own]  # step 1 builds: not timed
 
 
 def test_gpu_check_takes_an_empty_out_folder_and_refuses_one_with_files(tmp_path):
@@ -574,9 +584,41 @@ def faulty_loss(bad_calls, kind="loss"):
     return loss_fn
 
 
+OPTIMISERS = {"fused Adam": lambda p: torch.optim.Adam(p, lr=0.1, fused=True),
+              "Adam": lambda p: torch.optim.Adam(p, lr=0.1),
+              "SGD with momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)}
+
+
+@pytest.mark.parametrize("name", OPTIMISERS)
+def test_a_bad_step_changes_nothing_whatever_the_optimiser(name):
+    """A course may swap the optimiser: where bad is 1 the weights and the optimiser's state (its
+    moments, its step count) stay as they were; where 0 it is the optimiser's own step."""
+    torch.manual_seed(0)
+    net, ref = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ref.load_state_dict(net.state_dict())
+    opt, ref_opt = OPTIMISERS[name](net.parameters()), OPTIMISERS[name](ref.parameters())
+    state = lambda: [t.clone() for t in [*net.parameters(), *(  # noqa: E731
+        v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))]]
+    for bad in (0, 0, 1, 1, 0):
+        x = torch.randn(4, 3)
+        for n in (net, ref):
+            n.zero_grad()
+            n(x).pow(2).sum().backward()
+        before = state()
+        train.step_unless(opt, torch.tensor(float(bad)))
+        if bad:
+            assert all(torch.equal(a, b) for a, b in zip(before, state()))
+        else:
+            ref_opt.step()
+            assert all(torch.equal(a, b) for a, b in zip(net.parameters(), ref.parameters()))
+    assert not hasattr(opt, "found_inf")  # nothing left for the optimiser's next step to read
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["loss", "grad"])
-def test_non_finite_steps_are_skipped_and_counted(kind, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind, fused", [("loss", True), ("grad", True), ("loss", False)])
+def test_non_finite_steps_are_skipped_and_counted(kind, fused, tmp_path, monkeypatch):
+    adam = torch.optim.Adam  # train.py's, fused or not (a course's own optimiser)
+    monkeypatch.setattr(torch.optim, "Adam", lambda p, **kw: adam(p, **{**kw, "fused": fused}))
     monkeypatch.setattr(selfe, "selfe_loss", faulty_loss(lambda k: k in (3, 4, 7), kind))
     out = str(tmp_path / "run")
     net = train.main(["--out", out, *RUN, "--iters", "10"])
@@ -663,24 +705,48 @@ WRAPPER = """
 import os, sys, torch
 sys.path.insert(0, {here!r})
 import train
+fed, table_call = [], train.TextTable.__call__
+
+
+def spy(table, ids, fake=False):  # what this process feeds the loss, with the rows' captions
+    out = table_call(table, ids, fake)
+    fed.append(([table.captions[i] for i in ids.tolist()], fake, out))
+    return out
+
+
+train.TextTable.__call__ = spy
 model = train.main(sys.argv[1:])
-torch.save(model.state_dict(), os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
+rank = os.environ["RANK"]
+torch.save(model.state_dict(), os.path.join({out!r}, "rank" + rank + ".pt"))
+torch.save(fed, os.path.join({out!r}, "fed" + rank + ".pt"))
 """
 
 
 @pytest.mark.slow
-def test_two_processes_with_gloo_hold_identical_weights_and_resume(tmp_path):
+def test_two_processes_with_gloo_train_on_the_right_text_hold_identical_weights_and_resume(
+        tmp_path):
+    """Each process feeds the loss its own batches' captions and fake prompts with the token
+    states, mask and pooled vector that one process encodes for them (DDP would keep the weights
+    equal whatever the inputs); the weights stay equal, and the run resumes."""
     out = str(tmp_path / "run")
     wrapper = tmp_path / "wrap.py"
     wrapper.write_text(WRAPPER.format(here=HERE, out=out))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               str(wrapper), "--out", out, *RUN, "--batch-size", "8", "--aux-start", "0"]
-    for extra in (["--iters", "3"], ["--iters", "5", "--resume"]):
+    text = model.TextEncoder("default", 16)
+    table = model.TextTable(text, shapes.TrainingData(16).captions, fake=True)
+    for steps, extra in ((3, ["--iters", "3"]), (2, ["--iters", "5", "--resume"])):
         r = subprocess.run(launch + extra, cwd=HERE, env=ENV, capture_output=True, text=True,
                            timeout=HUNG)
         assert r.returncode == 0, r.stderr[-3000:]
         w0, w1 = (torch.load(os.path.join(out, f"rank{i}.pt"), weights_only=True) for i in (0, 1))
         assert all(torch.equal(w0[k], w1[k]) for k in w0)
+        fed = [torch.load(os.path.join(out, f"fed{i}.pt"), weights_only=True) for i in (0, 1)]
+        assert [len(f) for f in fed] == [2 * steps] * 2  # captions and fake prompts, each step
+        assert fed[0][0][0] != fed[1][0][0]  # each process its own batches
+        for captions, fake, got in fed[0] + fed[1]:
+            want = table(torch.tensor([table.row[c] for c in captions]), fake)
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), (captions, fake)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 5 and all(torch.equal(ckpt["model"][k], w0[k]) for k in w0)
     torch.manual_seed(0)

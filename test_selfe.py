@@ -2,6 +2,7 @@
 path on a CPU, the command line end to end, the code's shape."""
 import argparse
 import ast
+import copy
 import glob
 import json
 import math
@@ -791,17 +792,66 @@ print(f"estimate {est / 1e6:.0f} MB, peak {peak / 1e6:.0f} MB over {base / 1e6:.
 
 @pytest.mark.slow
 @pytest.mark.gpu_path
-@pytest.mark.parametrize("variant", ["fp32", "bf16"])  # bf16 with act_ckpt
-def test_the_memory_estimate_is_within_10_percent_of_the_measured_peak(variant):
-    """The start-up line's estimate (fake-score pass on) against the peak resident memory of two
-    real steps, measured in a process of its own where glibc hands every freed tensor back to the
-    system (MALLOC_MMAP_THRESHOLD_), so that the peak is that of the live tensors, after the same
-    steps at 2 rows (first-use code and buffers out of the measure)."""
-    r = subprocess.run([sys.executable, "-c", PEAK, variant], cwd=HERE, capture_output=True,
+def test_the_memory_estimate_is_within_10_percent_of_the_measured_peak():
+    """The start-up line's estimate (fake-score pass on, float32) against the peak resident memory
+    of two real steps, measured in a process of its own where glibc hands every freed tensor back
+    to the system (MALLOC_MMAP_THRESHOLD_), so that the peak is that of the live tensors, after the
+    same steps at 2 rows (first-use code and buffers out of the measure). In float32 the kernels
+    keep no temporaries of note; under bf16 a CPU without native bf16 keeps fewer than one with it
+    (results/README.md), so bf16 is checked by its terms below, not by a CPU's peak."""
+    r = subprocess.run([sys.executable, "-c", PEAK, "fp32"], cwd=HERE, capture_output=True,
                        text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
                                        "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert 0.9 <= float(r.stdout.split()[-1]) <= 1.1, r.stdout  # measured: 0.99 fp32, 0.98 bf16
+    assert 0.9 <= float(r.stdout.split()[-1]) <= 1.1, r.stdout  # measured: 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("bf16", [False, True])  # bf16 with act_ckpt
+def test_the_memory_estimate_is_the_sum_of_its_terms_measured_on_a_real_step(bf16, monkeypatch):
+    """What the estimate decides, each term measured at the full batch of a real step: 5 float32
+    copies of the weights (weights, gradients, Adam's moments, EMA: counted after an Adam step),
+    the tensors autograd keeps (saved-tensor hooks around the step's forward, judged by the EMA,
+    fake-score pass on) and, under act_ckpt, the block inputs the checkpoints hold plus one
+    block's activations recomputed. Autograd decides these bytes, not a CPU's kernels."""
+    cfg = {**train.DEFAULTS, **train.PRESETS["cpu"], "patch": 2, "bf16": bf16, "act_ckpt": bf16}
+    B, m = 64, 32  # rows; the rows that jump, which the fake-score pass takes
+    torch.manual_seed(0)
+    net = model.build_model(cfg, 384)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), fused=True)
+    weights = {p.untyped_storage().data_ptr() for p in [*net.parameters(), *ema.parameters()]}
+    cond = lambda n: (torch.randn(n, 16, 384), torch.ones(n, 16, dtype=bool), torch.randn(n, 384))
+    held, checkpoint = [], torch.utils.checkpoint.checkpoint
+
+    def spy(block, h, *args, **kwargs):  # the input each checkpointed block keeps
+        held.append(h.nbytes)
+        return checkpoint(block, h, *args, **kwargs)
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    c = cond(B)
+
+    def forward(rows):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return selfe.selfe_loss(net, torch.randn(rows, 3, 32, 32), c, c, c, c,
+                                    eval_net=ema)[0]
+    kept = train.saved_bytes(forward, B, weights)
+    forward(B).backward()
+    opt.step()
+    state = [t for s in opt.state.values() for t in s.values() if t.numel() > 1]
+    static = sum(t.nbytes for t in [*net.parameters(), *ema.parameters(), *state]) + sum(
+        p.grad.nbytes for p in net.parameters())
+    terms = static + kept
+    if bf16:  # the checkpointed blocks: their inputs (both passes with gradient), one recomputed
+        assert len(held) == 2 * 2 * len(net.blocks)  # saved_bytes' forward and the real one
+        N = 16 + (32 // 2) ** 2
+        h = torch.randn(B, N, net.dim, dtype=torch.bfloat16)
+        block = lambda rows: net.blocks[0](h[:rows], torch.randn(rows, net.dim),  # noqa: E731
+                                           torch.ones(rows, 1, 1, N, dtype=bool))
+        with torch.autocast("cpu", torch.bfloat16):
+            terms += sum(held) / 2 + train.saved_bytes(block, B, weights)
+    estimate = train.memory_estimate(cfg, 384, B)[True]
+    assert abs(estimate / terms - 1) < 0.01, (estimate / 1e6, terms / 1e6)  # measured: 1.000
 
 
 @pytest.mark.gpu_path

@@ -284,7 +284,7 @@ def train(argv, interrupt):
                                                         broadcast_buffers=False)
     autocast = torch.autocast(device.type, torch.bfloat16) if cfg["bf16"] else nullcontext()
     batch = cfg["batch_size"] // world  # per process
-    null, null_fake = text([""] * batch), text(selfe.fake_prompts([""] * batch))
+    null, null_fake = text([""] * batch), text(text.fake_prompts([""] * batch))
     if rank == 0:  # only now that every input has been read: bad input leaves no folder behind
         check_writable(os.path.join(cfg["out"], "samples"))
         params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -333,8 +333,7 @@ def train(argv, interrupt):
             bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float()
             if world > 1:  # a fault on one process skips the step on all of them
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            opt.found_inf = bad  # fused Adam reads it on the device: where 1, nothing changes
-            opt.step()
+            step_unless(opt, bad)
             decay = min(cfg["ema"], (1 + step) / (10 + step))
             with torch.no_grad():
                 torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
@@ -408,6 +407,12 @@ def print_notes(cfg, text, captions):
     if long:
         print(f"captions: {len(long)} of {len(captions)} are longer than --text-len "
               f"{text.max_len} tokens and are cut (the longest: {max(long)} tokens)")
+    if aux_on(cfg["iters"] - 1, cfg):
+        fakes = text.fake_prompts(captions)
+        cut = sum(f != c for f, c in zip(fakes, selfe.fake_prompts(captions)))
+        if cut:
+            print(f"fake prompts: {cut} of {len(captions)} captions give up their last words so "
+                  f"that the fake prompt keeps \"fake image\" within --text-len {text.max_len}")
 
 
 def check_out(out, resume):
@@ -537,6 +542,18 @@ class FolderData:
         """-> ((n, res, res, 3) uint8 images, their n captions)."""
         idx = rng.integers(len(self.images), size=n)
         return self.images[idx], [self.captions[i] for i in idx]
+
+
+def step_unless(opt, bad):
+    """opt.step(), or no change at all (weights, moments, step count) where the 0-d tensor bad is
+    1. A fused torch optimiser reads found_inf on the device, as torch's GradScaler hands it over:
+    no host sync. Any other optimiser is asked on the host: one sync a step."""
+    if opt.defaults.get("fused"):
+        opt.found_inf = bad
+        opt.step()
+        del opt.found_inf  # read by the next step only if set again
+    elif not bad.item():
+        opt.step()
 
 
 def step_seed(seed, rank, step):
@@ -732,10 +749,11 @@ def speed(seconds, steps, flops, batch, device):
     """-> {ms_per_step, img_per_s, mfu (known GPUs), peak_mem_gb}. flops: of one process's step
     (MFU is per GPU); batch: images per step, all processes."""
     out = {"ms_per_step": 1000 * seconds / steps, "img_per_s": batch * steps / seconds}
-    if device.type == "cuda":
-        peak = peak_flops(torch.cuda.get_device_name(device))
-        if peak and flops:
-            out["mfu"] = flops * steps / seconds / peak
+    cuda = device.type == "cuda"
+    peak = peak_flops(torch.cuda.get_device_name(device) if cuda else "cpu")
+    if peak and flops:
+        out["mfu"] = flops * steps / seconds / peak
+    if cuda:
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     else:  # the process's peak resident memory (Linux reports kB)
         out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
