@@ -999,21 +999,22 @@ def test_a_caption_table_past_its_budget_is_a_file_and_half_precision_stays_clos
 
 
 def test_the_preset_says_when_the_fake_score_term_comes_on_and_a_flag_wins():
-    """The CPU preset switches the fake-score term on at half the run with k 0 (ours: measured),
-    the GPU presets at the paper's 77 % with its k 0.9; --aux-start and --k, given, win over the
-    preset, and a resumed run keeps its own values."""
+    """The CPU preset is stage one only (the term never on), the GPU presets switch it on at the
+    paper's 77 % with its k 0.9, and so does the CPU preset given --aux-start 0.77 alone;
+    --aux-start and --k, given, win over the preset, and a resumed run keeps its own values."""
     def resolved(argv, saved=()):  # as train.py: defaults, a resumed run's config, the flags given
         given = vars(train.config_parser().parse_args(argv))
         given.pop("resume")
         return train.finish_config({**train.DEFAULTS, **dict(saved), **given}, world=1, quiet=True)
 
     cpu, gpu = resolved(["--preset", "cpu"]), resolved(["--preset", "gpu"])
-    assert (cpu["aux_start"], cpu["k"]) == (0.5, 0.0)
-    assert [train.aux_on(k, cpu) for k in (1299, 1300)] == [False, True]
+    assert (cpu["aux_start"], cpu["k"]) == (1.0, 0.9) and not train.aux_on(cpu["iters"] - 1, cpu)
+    paper = resolved(["--preset", "cpu", "--aux-start", "0.77"])
+    assert [train.aux_on(k, paper) for k in (2001, 2002)] == [False, True] and paper["k"] == 0.9
     assert (gpu["aux_start"], gpu["k"]) == (0.77, 0.9) and train.aux_on(gpu["iters"] - 1, gpu)
     assert not train.aux_on(1500, gpu)
-    assert resolved(["--preset", "cpu", "--aux-start", "1", "--k", "0.9"])["aux_start"] == 1.0
-    assert resolved(["--preset", "cpu", "--k", "0.9"])["k"] == 0.9
+    assert resolved(["--preset", "cpu", "--aux-start", "0.5", "--k", "0"])["aux_start"] == 0.5
+    assert resolved(["--preset", "cpu", "--k", "0"])["k"] == 0.0
     assert resolved(["--preset", "gpu", "--k", "0"])["k"] == 0.0
     assert resolved(["--preset", "cpu"], saved={"aux_start": 0.77, "k": 0.9})["k"] == 0.9
     assert resolved(["--preset", "cpu"], saved={"aux_start": 0.77})["aux_start"] == 0.77

@@ -49,8 +49,8 @@ def spied_run(out, argv):
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """The cpu preset: the fake-score term on from the third of 4 steps (aux 0.5), k 0."""
-    return spied_run(tmp_path_factory.mktemp("default"), ["--no-final-grid"])
+    """The cpu preset with the fake-score term on from the third of 4 steps (aux 0.5)."""
+    return spied_run(tmp_path_factory.mktemp("default"), ["--no-final-grid", "--aux-start", "0.5"])
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_each_flag_reaches_the_loss(default_run, flagged_run):
     (default, *_), (flagged, *_) = default_run, flagged_run
     # tau ramps over --tau-ramp of the 4 steps: 0.4 -> 1.6 steps, 0.5 -> 2 steps
     assert [tuple(c[f] for f in LOSS_FLAGS) for c in default] == [
-        (False, 0.0, 0.5, 0.1, 1.0, True, True, tau) for tau in (0.0, 0.625, 1.0, 1.0)]
+        (False, 0.9, 0.5, 0.1, 1.0, True, True, tau) for tau in (0.0, 0.625, 1.0, 1.0)]
     assert [tuple(c[f] for f in LOSS_FLAGS) for c in flagged] == [
         (True, 0.6, 0.25, 0.2, 2.0, False, False, tau) for tau in (0.0, 0.5, 1.0, 1.0)]
     assert all(c["rows"] == 4 for c in default + flagged)
@@ -85,7 +85,7 @@ def test_the_conditional_judge_is_the_ema_and_none_under_no_ema_eval(default_run
 
 
 def test_the_fake_prompts_come_once_the_term_is_on_and_captions_are_encoded_before(default_run):
-    """The cpu preset's aux 0.5 of 4 steps: the fake prompts in the last two steps, never the
+    """With aux 0.5 of 4 steps: the fake prompts in the last two steps, never the
     prompts themselves; every caption and fake prompt is encoded before the first step."""
     losses, _, encodes, _ = default_run
     assert [c["fake"] is None for c in losses] == [True, True, False, False]

@@ -47,11 +47,10 @@ CONFIG = {
     "method": ("selfe", "selfe | fm (flow-matching baseline: s = t always, no self-evaluation)"),
     "renorm": (True, "energy-preserving target, Eq. 19 (off: the paper's 'w/o target norm')"),
     "aux_start": (None, "fraction of the run after which the fake-score term is on; 0 = from the "
-                        "start (ablation), 1 = never; preset: cpu 0.5 (ours), gpu the paper's "
-                        "0.77"),
+                        "start (ablation), 1 = never; preset: cpu 1 (stage one only), gpu the "
+                        "paper's 0.77"),
     "k": (None, "the classifier score's share of the self-evaluation once the fake-score term is "
-                "on; the rest is the fake-score correction; preset: cpu 0 (ours), gpu the "
-                "paper's 0.9"),
+                "on; the rest is the fake-score correction; preset: the paper's 0.9"),
     "tau_ramp": (0.4, "fraction of the run over which tau ramps 0 -> 1 (paper: 300k of 710k)"),
     "p_equal": (0.5, "fraction of rows with s = t (paper)"),
     "p_null": (0.1, "probability of the empty prompt (ours; the paper gives none)"),
@@ -76,12 +75,11 @@ CONFIG = {
 DEFAULTS = {k: v for k, (v, _) in CONFIG.items()}
 PRESETS = {
     # 2600 iterations: the most that fit about 15 minutes on 2 CPU cores with the table at the end;
-    # warm-up 100 (the paper: 1k of 710k); ours: the fake-score term alone (k 0) from half the
-    # run, which beat the paper's k 0.9 from 77 % and no term at 2 steps here, but costs the
-    # many-step samples at 10400 iterations (measured: results/);
+    # warm-up 100 (the paper: 1k of 710k); stage one only, as the paper's 100k-iteration runs: its
+    # second stage comes late in a long run (--aux-start 0.77 for the paper's);
     # workers 0: both cores are busy with the step
     "cpu": dict(model="tiny", res=32, patch=4, text_len=16, batch_size=32, iters=2600, lr=1e-3,
-                warmup=100, aux_start=0.5, k=0.0, compile=False, bf16=False, workers=0,
+                warmup=100, aux_start=1.0, k=0.9, compile=False, bf16=False, workers=0,
                 act_ckpt=False),
     # minutes on one GPU, sized by FLOPs; iterations and lr to be set by a measured run.
     # workers: processes that render batches ahead of the GPU
