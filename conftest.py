@@ -1,17 +1,21 @@
 """What the test files share: the CLI contract's check, a folder of captioned images, a model whose
-output depends on its inputs, two short runs (on the shapes world and on a folder), and a Python
-in a plain-ASCII locale."""
+output depends on its inputs, the short run's flags and two such runs (on the shapes world and on
+a folder), a Python in a plain-ASCII locale, stub networks, and selfe.py's loss and sampler with
+the paper's settings unless told otherwise."""
+import dataclasses
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
 import cli  # noqa: E402
-import model  # noqa: E402
+import selfe  # noqa: E402
+import checkpoints  # noqa: E402
 import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,8 +62,8 @@ def export_model(folder, seed=0, **changes):
     cfg = {**train.DEFAULTS, **train.PRESETS["cpu"], "res": 16, **changes}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = trained_like(model.build_model(cfg, 384))
-    model.export_ema(str(folder), net, cfg, 0, 384)
+        net = trained_like(checkpoints.build_model(cfg, 384))
+    checkpoints.export_ema(str(folder), net, cfg, 0, 384)
     return str(folder)
 
 
@@ -73,16 +77,16 @@ def in_ascii_locale(code):
     return r.stdout.strip()
 
 
-# Two steps on 2 rows at 16 px, nothing scored or drawn: a run whose files tests read or copy
-TWO_STEPS = ["--preset", "cpu", "--iters", "2", "--batch-size", "2", "--res", "16",
-             "--log-every", "1", "--eval-every", "0", "--sample-every", "100",
-             "--no-final-grid", "--final-eval", "off"]
+# The short run: two steps on 2 rows at 16 px, nothing scored or drawn. A test adds what it needs
+# (flags given later win: more --iters, a final grid, the fake-score term).
+SHORT = ["--preset", "cpu", "--iters", "2", "--batch-size", "2", "--res", "16", "--log-every", "1",
+         "--eval-every", "0", "--sample-every", "100000", "--no-final-grid", "--final-eval", "off"]
 
 
 @pytest.fixture(scope="session")
 def shapes_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shapes") / "run")
-    train.main(["--out", out, *TWO_STEPS])
+    train.main(["--out", out, *SHORT])
     return out
 
 
@@ -95,7 +99,82 @@ def folder_run(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        train.main(["--out", "run", "--data", "pics", *TWO_STEPS])
+        train.main(["--out", "run", "--data", "pics", *SHORT])
     finally:
         os.chdir(cwd)
     return str(root / "run"), str(root / "pics")
+
+
+# -------------------------------------------------------------------------------------------------
+# Stub networks. A condition is a tuple of batch-first tensors; here, one number per row.
+
+
+class Recorder(nn.Module):
+    """Wraps a net and records every call: batch size, whether the output has gradient, inputs."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, x, t, s, cond):
+        out = self.net(x, t, s, cond)
+        self.calls.append(dict(n=x.shape[0], grad=out.requires_grad, x=x.detach(), t=t, s=s,
+                               c=cond[0], V=out.detach(),
+                               autocast=torch.is_autocast_enabled(x.device.type)))
+        return out
+
+
+class LinearNet(nn.Module):
+    """A small differentiable net for images: V = a * x + b * c + c' * (t - s)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.3))
+        self.b = nn.Parameter(torch.tensor(0.2))
+        self.c = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x, t, s, cond):
+        (c,) = cond
+        return self.a * x + self.b * selfe.bcast(c, x) + self.c * selfe.bcast(t - s, x)
+
+
+class ConstantG(nn.Module):
+    """G(x, t, s, c) = c everywhere, whatever x: V = (x - c) / t. The evaluations are noise-free."""
+
+    def forward(self, x, t, s, cond):
+        return (x - selfe.bcast(cond[0], x)) / selfe.bcast(t, x)
+
+
+def const_G(c, like):
+    return selfe.bcast(c, like) * torch.ones_like(like)
+
+
+def one(x):
+    return (x,)
+
+
+def rows(x):
+    return x.flatten(1)
+
+
+def loss_with(net, x0, cond, null, fake=None, null_fake=None, tau=1.0, eval_net=None, **recipe):
+    """selfe.selfe_loss with a Recipe of the paper's settings, the fields given changed."""
+    return selfe.selfe_loss(net, x0, cond, null, fake, null_fake, tau=tau,
+                            recipe=selfe.Recipe(**recipe), eval_net=eval_net)
+
+
+def sample_with(net, noise, cond, null=None, steps=4, shift=1.0, generator=None, **options):
+    """selfe.sample with Self-E's Sampler, the options given changed."""
+    sampler = dataclasses.replace(selfe.SAMPLERS["selfe"], **options)
+    return selfe.sample(net, noise, cond, null, steps, shift, sampler, generator)
+
+
+class StudentNet(nn.Module):
+    """A network of one's own: the contract of checkpoints.build_model, without .flops."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.res, self.channels = net, net.res, net.channels
+
+    def forward(self, x, t, s, cond):
+        return self.net(x, t, s, cond)

@@ -34,9 +34,9 @@ while [ $# -gt 0 ]; do
     --pack-encoder)
       cd "$(dirname "$0")"
       "$PY" -c "
-import sys, torch, model
+import sys, torch, text_encoder
 from transformers import AutoModel, AutoTokenizer
-path = model.resolve_text_encoder('default')
+path = text_encoder.resolve_text_encoder('default')
 AutoTokenizer.from_pretrained(path).save_pretrained(sys.argv[1])
 AutoModel.from_pretrained(path, dtype=torch.float16).save_pretrained(sys.argv[1])
 print('wrote', sys.argv[1])" "$(realpath -m "$2")"

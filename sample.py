@@ -23,6 +23,7 @@ Bad input (a missing checkpoint, --steps 0, a negative --cfg, ...) is one line a
 and writes nothing.
 """
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -31,10 +32,10 @@ import time
 import torch
 from PIL import Image
 
-import selfe
 import shapes
 from cli import InputError, Parser, check_writable, run_cli
-from model import TextEncoder, allow_tf32, generate, load_checkpoint, looks_like_path
+from checkpoints import allow_tf32, generate, load_checkpoint, sampler_of
+from text_encoder import TextEncoder, looks_like_path
 
 
 def parse_steps(text):
@@ -177,24 +178,25 @@ def main():
                          f"judges the shapes world only")
     text = load_text_encoder(args, cfg, model)
     check_writable(args.out)  # after every input is read: bad input leaves no folder behind
-    given = dict(cfg=args.cfg, eta=args.eta, s_k=args.s_k, uncond_at_t=args.uncond_at_t)
-    sampler = {**selfe.SAMPLERS[cfg["method"]], **{k: v for k, v in given.items() if v is not None},
-               "shift": cfg["shift"]}
+    sampler = sampler_of(cfg, cfg=args.cfg, eta=args.eta, s_k=args.s_k,
+                         uncond_at_t=args.uncond_at_t)
+    shift = cfg["shift"]
     if args.eval:
         def draw(prompts, seed):
-            return generate(model, text, prompts, steps_list, seed, **sampler)
-        info = {"ckpt": args.ckpt, "step": step, "method": cfg["method"], "sampler": sampler}
+            return generate(model, text, prompts, steps_list, seed, shift, sampler)
+        info = {"ckpt": args.ckpt, "step": step, "method": cfg["method"],
+                "sampler": {**dataclasses.asdict(sampler), "shift": shift}}
         results = shapes.report(draw, model.res, args.eval_size, args.out, info, args.seed)
         print(shapes.markdown_table({f"{k} steps": r for k, r in results.items()}, "steps"))
         print(f"wrote {os.path.join(args.out, 'results.json')} and grid.png")
         return
     rows = [pr for pr in prompts for _ in range(args.n)]
     # untimed: the prompts' encoding and the first kernels' start-up (cuBLAS, caches)
-    generate(model, text, rows, [1], args.seed, **sampler)
+    generate(model, text, rows, [1], args.seed, shift, sampler)
     images = {}
     for steps in steps_list:  # one step count at a time, to time each
         t0 = time.perf_counter()
-        images.update(generate(model, text, rows, [steps], args.seed, **sampler))
+        images.update(generate(model, text, rows, [steps], args.seed, shift, sampler))
         seconds = time.perf_counter() - t0
         print(f"{steps} step{'s' * (steps > 1)}: {len(rows)} image{'s' * (len(rows) > 1)} in "
               f"{seconds:.2f} s "

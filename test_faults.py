@@ -6,7 +6,6 @@ stderr that starts with "error:", exit code 2, no traceback.
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,21 +14,20 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import cli
-import model
+import checkpoints
+import control
 import sample
 import selfe
 import shapes
+import text_encoder
 import train
-from conftest import HERE, HUNG, expect_input_error, image_folder, in_ascii_locale
+from conftest import HERE, HUNG, SHORT, expect_input_error, image_folder
+
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 # A short run whose steps are fast; the fake-score term switches on and the tau ramp ends inside it
-RUN = ["--preset", "cpu", "--iters", "120", "--batch-size", "4", "--res", "16",
-       "--aux-start", "0.5", "--log-every", "1", "--eval-every", "0", "--sample-every", "100000",
-       "--final-eval", "off"]
+RUN = [*SHORT, "--iters", "120", "--batch-size", "4", "--aux-start", "0.5", "--final-grid"]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -108,262 +106,13 @@ def test_the_real_command_line_prints_one_line(tmp_path):
             and r.stderr.startswith("error: --data"))
 
 
-def test_odd_images_are_converted_and_bad_files_skipped_and_counted(tmp_path, capsys):
-    root = tmp_path / "odd"
-    root.mkdir()
-    imgs = {"gray.png": Image.new("L", (30, 50), 200),
-            "pal.png": Image.new("RGB", (24, 24), "blue").convert("P"),
-            "rgba.png": Image.new("RGBA", (20, 20), (0, 0, 255, 0)),
-            "tiny.png": Image.new("RGB", (1, 1), "red"),
-            "deep.png": Image.fromarray(np.full((16, 16), 32896, np.uint16)),
-            "wide.jpg": Image.new("RGB", (90, 10))}
-    for name, img in imgs.items():
-        img.save(root / name)
-        (root / name).with_suffix(".txt").write_text(f"a photo of {name}")
-    Image.new("RGB", (8, 8)).save(root / "nocaption.png")
-    (root / "broken.png").write_bytes(open(root / "gray.png", "rb").read()[:40])
-    (root / "broken.txt").write_text("a broken file")
-    folder = train.FolderData(str(root), 8)
-    assert "6 images" in capsys.readouterr().out and len(folder.images) == 6
-    assert folder.images.shape == (6, 8, 8, 3) and folder.images.dtype == np.uint8
-    by_name = dict(zip(sorted(n for n in imgs), folder.images))
-    # 16-bit mid-grey stays mid-grey, not clipped to white
-    assert np.all(by_name["deep.png"] == 128)
-    assert np.all(by_name["rgba.png"] == 255)  # fully transparent -> white
-    assert np.all(by_name["tiny.png"] == [255, 0, 0]) and np.all(by_name["gray.png"] == 200)
-    assert np.all(by_name["pal.png"] == [0, 0, 255])
-    x, caps = folder.batch(5, np.random.default_rng(0))
-    assert x.shape == (5, 8, 8, 3) and x.dtype == np.uint8  # scaled on the training device
-    assert all(c.startswith("a photo of") for c in caps)
-
-
-@pytest.mark.parametrize("kind,counts", [
-    ("no caption", "1 without a caption (e.g. c.png), 0 with an empty one, 0 unreadable"),
-    ("empty caption", "0 without a caption, 1 with an empty one (e.g. c.png), 0 unreadable"),
-    ("unreadable", "0 without a caption, 0 with an empty one, 1 unreadable (e.g. c.png)")])
-def test_the_folder_report_counts_each_kind_of_skipped_image(kind, counts, tmp_path, capsys):
-    root = tmp_path / "mixed"
-    image_folder(root, ["a.png", "b.png"])
-    (root / "c.png").write_bytes(b"not a png" if kind == "unreadable" else
-                                 open(root / "a.png", "rb").read())
-    if kind != "no caption":
-        (root / "c.txt").write_text("  \n" if kind == "empty caption" else "a photo")
-    train.FolderData(str(root), 8)
-    assert capsys.readouterr().out == f"data: 2 images from {root}; skipped {counts}\n"
-
-
-def test_a_metadata_line_that_is_not_json_is_named(tmp_path):
-    root = image_folder(tmp_path / "data", ["a.png"], caption=False)
-    (tmp_path / "data" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\nnot\n')
-    with pytest.raises(cli.InputError, match="line 2"):
-        train.FolderData(root, 8)
-
-
-@pytest.mark.parametrize("row", ['{"file_name": "a.png", "text": 1}',
-                                 '{"file_name": "a.png", "text": ["a", "b"]}',
-                                 '{"file_name": "a.png", "text": null}'])
-def test_a_caption_that_is_not_a_string_is_one_line_with_file_and_line(row, tmp_path, capsys,
-                                                                       monkeypatch):
-    root = image_folder(tmp_path / "data", ["a.png", "b.png"], caption=False)
-    (tmp_path / "data" / "metadata.jsonl").write_text(
-        '{"file_name": "b.png", "text": "a photo"}\n' + row + "\n")
-    out = str(tmp_path / "out")
-    err = expect_input_error(train.main, ["--out", out, "--data", root], capsys, monkeypatch)
-    assert "metadata.jsonl, line 2: 'text' must be a string, not " in err
-    assert not os.path.exists(out)  # no log.jsonl, no samples/
-
-
-def test_captions_are_utf8_with_or_without_a_bom_in_any_locale(tmp_path):
-    """Read by a Python whose locale is plain ASCII: the captions still come out whole."""
-    root = image_folder(tmp_path / "bom", ["a.png"], caption=False)
-    (tmp_path / "bom" / "metadata.jsonl").write_text(
-        '{"file_name": "a.png", "text": "un cœur rouge"}\n', encoding="utf-8-sig")  # Notepad's
-    txt = image_folder(tmp_path / "txt", ["b.png"], caption=False)
-    (tmp_path / "txt" / "b.txt").write_text("ein grünes Dreieck", encoding="utf-8")
-    code = (f"import train; print(train.FolderData({root!r}, 8, quiet=True).captions, "
-            f"train.FolderData({txt!r}, 8, quiet=True).captions)")
-    assert in_ascii_locale(code) == "['un cœur rouge'] ['ein grünes Dreieck']"
-
-
-def test_a_caption_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
-    root = image_folder(tmp_path / "latin", ["a.png"], caption=False)
-    (tmp_path / "latin" / "a.txt").write_bytes("un c\u0153ur".encode("cp1252"))
-    with pytest.raises(cli.InputError, match=r"a\.txt: not UTF-8"):
-        train.FolderData(root, 8)
-
-
-def test_no_usable_image_is_one_line_and_no_progress_bar(tmp_path, capsys):
-    root = image_folder(tmp_path / "data", ["a.png", "b.png"], caption=False)
-    with pytest.raises(cli.InputError, match="no usable images: 2 without a caption"):
-        train.FolderData(root, 8)
-    assert capsys.readouterr().err == ""  # the one line is the error's alone
-
-
-def test_the_hugging_face_imagefolder_layout_with_subfolders(tmp_path, capsys):
-    root = tmp_path / "hf"
-    image_folder(root / "images", ["x.png", "y.png"], caption=False)
-    image_folder(root / "train", ["z.png"], caption=False)
-    (root / "metadata.jsonl").write_text('{"file_name": "images/x.png", "text": "an x"}\n'
-                                         '{"file_name": "images/y.png", "text": "a y"}\n'
-                                         '{"file_name": "images/gone.png", "text": "gone"}\n')
-    (root / "train" / "metadata.jsonl").write_text('{"file_name": "z.png", "text": "a z"}\n')
-    data = train.FolderData(str(root), 8)
-    assert data.captions == ["an x", "a y", "a z"] and len(data.images) == 3
-    assert "; 1 captions name no image here (e.g. images/gone.png)" in capsys.readouterr().out
-
-
-def test_long_captions_are_reported_once_and_grid_labels_cut(tmp_path, capsys):
-    text = model.TextEncoder("default", 16)
-    cfg = {**train.DEFAULTS, **train.PRESETS["cpu"], "aux_start": 1.0}
-    long = "a photo of " + "a very red circle " * 100
-    train.print_notes(cfg, text, ["a red circle", long, long])
-    notes = capsys.readouterr().out
-    assert notes.count("\n") == 1 and "captions: 1 of 2 are longer than --text-len 16" in notes
-    train.print_notes({**cfg, "aux_start": 0.5}, text, ["a red circle", long, long])
-    notes = capsys.readouterr().out  # with the fake-score term, the fake prompts cut to fit
-    assert notes.count("\n") == 2 and ("fake prompts: 1 of 2 captions give up their last words "
-                                       "so that the fake prompt keeps \"fake image\"") in notes
-    images = {2: torch.zeros(2, 3, 8, 8)}
-    shapes.save_grid(images, ["a red circle", long], str(tmp_path / "grid.png"))
-    assert Image.open(tmp_path / "grid.png").width < 700  # not as wide as the caption
-
-
-def test_the_warm_up_is_capped_at_a_share_of_a_short_run(capsys):
-    cfg = {**train.DEFAULTS, **train.PRESETS["cpu"], "iters": 30}  # warm-up 100
-    assert train.warmup_steps(cfg) == 3 and train.lr_at(2, cfg) == cfg["lr"]
-    train.print_notes(cfg, model.TextEncoder("default", 16), ["a red circle"])
-    assert "warm-up: 3 steps (--warmup 100 is capped at 10% of --iters 30)" in (
-        capsys.readouterr().out)
-    default = {**cfg, "iters": 2600}
-    assert train.warmup_steps(default) == 100  # the presets' warm-ups are below the cap
-
-
 # -------------------------------------------------------------------------------------------------
-# 2. Runs: resume keeps a run's identity, a folder holds one run
-
-
-def copy_run(run, tmp_path):
-    out = str(tmp_path / "run")
-    shutil.copytree(run, out)
-    return out
-
-
-def test_a_run_saves_absolute_paths_an_export_and_no_final_grid(folder_run):
-    out, data = folder_run
-    cfg = model.read_checkpoint(os.path.join(out, "ckpt.pt"))["config"]
-    assert cfg["data"] == data and os.path.isabs(data)  # resumes from any directory
-    assert os.listdir(os.path.join(out, "samples")) == []  # --no-final-grid
-    assert sorted(os.listdir(os.path.join(out, "model"))) == ["config.json", "model.safetensors"]
-
-
-@pytest.mark.parametrize("flag,value,saved", [("--res", "32", "16"), ("--patch", "2", "4"),
-                                              ("--method", "fm", "selfe"),
-                                              ("--data", "shapes", None),
-                                              ("--text-len", "8", "16"),
-                                              ("--text-encoder", "HERE", "default")])
-def test_resume_refuses_to_change_what_defines_the_run(flag, value, saved, folder_run, tmp_path,
-                                                       capsys, monkeypatch):
-    out = copy_run(folder_run[0], tmp_path)
-    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
-    value = HERE if value == "HERE" else value
-    err = expect_input_error(train.main, ["--out", out, "--resume", flag, value, "--iters", "4"],
-                             capsys, monkeypatch)
-    saved = folder_run[1] if saved is None else saved
-    assert f"{flag} {value} differs from the run's {saved}" in err
-    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before  # untouched
-
-
-def test_resume_prints_each_flag_it_overrides(folder_run, tmp_path, capsys):
-    out = copy_run(folder_run[0], tmp_path)
-    train.main(["--out", out, "--resume", "--iters", "3", "--lr", "0.002"])
-    printed = capsys.readouterr().out
-    assert "overriding iters: 2 -> 3\n" in printed and "overriding lr: 0.001 -> 0.002\n" in printed
-    assert model.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 3
-
-
-@pytest.mark.parametrize("iters", [None, "1"])
-def test_resume_with_nothing_left_to_train_says_so(iters, folder_run, tmp_path, capsys,
-                                                   monkeypatch):
-    out = copy_run(folder_run[0], tmp_path)
-    err = expect_input_error(train.main, ["--out", out, "--resume",
-                                          *(["--iters", iters] if iters else [])],
-                             capsys, monkeypatch)
-    assert "is at step 2 and --iters is " in err and "give --iters above 2" in err
-
-
-def test_a_moved_data_folder_names_the_flag_to_pass(folder_run, tmp_path, capsys, monkeypatch):
-    run, data = folder_run
-    out, moved = copy_run(run, tmp_path), str(tmp_path / "moved")
-    shutil.copytree(data, moved)
-    cfg = model.read_checkpoint(os.path.join(out, "ckpt.pt"))["config"]
-    monkeypatch.setattr(train, "gone", lambda v: v == cfg["data"])  # as if it had moved away
-    err = expect_input_error(train.main, ["--out", out, "--resume", "--iters", "3"], capsys,
-                             monkeypatch)
-    assert f"the run's data folder {data} is not there any more" in err and "--data" in err
-    train.main(["--out", out, "--resume", "--iters", "3", "--data", moved])
-    assert f"overriding data: {data} -> {moved}" in capsys.readouterr().out
-
-
-def test_a_folder_with_a_log_but_no_checkpoint_holds_a_run(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "died"
-    out.mkdir()
-    (out / "log.jsonl").write_text('{"step": 5}\n')
-    assert "holds a run (log.jsonl): add --resume" in expect_input_error(
-        train.main, ["--out", str(out)], capsys, monkeypatch)
-    assert "stopped before its first checkpoint" in expect_input_error(
-        train.main, ["--out", str(out), "--resume"], capsys, monkeypatch)
-    assert (out / "log.jsonl").read_text() == '{"step": 5}\n'
-
-
-class StudentNet(torch.nn.Module):
-    """A network of one's own: the contract of model.build_model, without .flops."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.res, self.channels = net, net.res, net.channels
-
-    def forward(self, x, t, s, cond):
-        return self.net(x, t, s, cond)
-
-
-@pytest.mark.parametrize("own", [False, True])
-def test_the_log_shows_mfu_for_a_network_with_flops_and_none_without(own, tmp_path, monkeypatch):
-    """On a device whose peak is known (here every device, even this CPU) the log shows MFU; a
-    network of one's own without .flops trains all the same, with no MFU."""
-    monkeypatch.setattr(train, "peak_flops", lambda name: 1e12)
-    if own:
-        monkeypatch.setattr(train, "build_model", lambda cfg, dim: StudentNet(model.build_model(
-            cfg, dim)))
-    out = str(tmp_path / "run")
-    train.main(["--out", out, *RUN, "--iters", "3", "--aux-start", "0", "--no-final-grid"])
-    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    assert [r["step"] for r in log] == [1, 2, 3]
-    assert [("mfu" in r) for r in log] == [False, not own, not own]  # step 1 builds: not timed
-
-
-def test_gpu_check_takes_an_empty_out_folder_and_refuses_one_with_files(tmp_path):
-    """With --budget 0 every part is skipped and the report is written: the check of --out alone."""
-    def check(out):
-        return subprocess.run(["bash", "gpu_check.sh", "--tiny", "--budget", "0", "--out", out],
-                              cwd=HERE, env={**ENV, "PYTHON": sys.executable},
-                              capture_output=True, text=True, timeout=HUNG)
-    (tmp_path / "empty").mkdir()
-    r = check(str(tmp_path / "empty"))
-    assert r.returncode == 0 and (tmp_path / "empty" / "report" / "summary.md").exists(), r.stderr
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "notes.txt").write_text("mine")
-    r = check(str(tmp_path / "full"))
-    assert r.returncode == 2 and "holds files but no earlier check" in r.stderr
-    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
-
-
-# -------------------------------------------------------------------------------------------------
-# 3. Interruptions and exact resume. The test acts at a moment the run reaches and waits at (a
+# 2. Interruptions and exact resume. The test acts at a moment the run reaches and waits at (a
 # logged step, the inside of a checkpoint write), never after a sleep: no race on a fast machine.
 
 HELD = """
 import io, json, os, sys, time
-import cli, model, train
+import checkpoints, cli, control, train
 
 # HOLD: "log:N" waits after the log line of step N for a stop signal; "write:N", "rename:N" and
 # "export:N" wait for kill -9 with half of the N-th checkpoint written, with all of it written but
@@ -397,7 +146,7 @@ class Log:
             hold(until=lambda: signals)
 
 
-def write_synced(path, write, real=model.write_synced):
+def write_synced(path, write, real=checkpoints.write_synced):
     if os.path.basename(path).startswith("ckpt.pt") and reached("write"):
         buf = io.BytesIO()
         write(buf)
@@ -419,10 +168,10 @@ def export(*args, real=train.export_ema):
     real(*args)
 
 
-handle, open_log = train.Interrupt.handle, train.open_log
-train.Interrupt.handle = lambda self, *a: signals.append(a[0]) or handle(self, *a)
+handle, open_log = control.Interrupt.handle, control.open_log
+control.Interrupt.handle = lambda self, *a: signals.append(a[0]) or handle(self, *a)
 train.open_log = lambda path: Log(open_log(path))
-model.write_synced, os.replace, train.export_ema = write_synced, replace, export
+checkpoints.write_synced, os.replace, train.export_ema = write_synced, replace, export
 sys.argv[0] = "train.py"
 cli.run_cli(train.main)
 """
@@ -499,7 +248,7 @@ def test_a_stop_signal_to_the_group_saves_at_that_step_and_resumes_bit_exact(wor
         stdout, stderr = ended(proc, out)
         assert proc.returncode == 0 and f"interrupted at step {at}:" in stdout, stderr[-2000:]
         assert "Traceback" not in stderr and "Error" not in stderr, stderr[-2000:]
-        assert model.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == at
+        assert checkpoints.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == at
     assert_same_state(finish(out, "--resume"), reference)  # workers render the same batches
     assert logged_steps(out) == list(range(1, 121))  # the step count went on where it stopped
 
@@ -519,7 +268,8 @@ def test_a_data_worker_that_dies_is_one_line_naming_the_last_checkpoint(tmp_path
     assert last.startswith("error: a data worker died (DataLoader worker (pid") and last.endswith(
         f"; out of memory?); the last checkpoint, {out}/ckpt.pt, is at step 10: continue with "
         f"--resume --out {out}"), last
-    assert model.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 10  # whole, loadable
+    # whole, loadable
+    assert checkpoints.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 10
 
 
 @pytest.mark.slow
@@ -538,7 +288,7 @@ def test_sigterm_during_the_final_evaluation_stops_it_with_the_run_saved(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         train.main(["--out", str(tmp_path), *RUN, "--iters", "3", "--final-eval", "medium"])
     assert drawn == [6, 96]  # the grid, then the evaluation's first batch, stopped there
-    assert model.read_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
+    assert checkpoints.read_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
     assert not os.path.exists(tmp_path / "eval" / "results.json")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
 
@@ -556,14 +306,14 @@ def test_kill_9_in_a_checkpoint_write_leaves_the_last_whole_one(reference, tmp_p
         held(proc, mark)
         proc.kill()
         proc.wait()
-        ckpt = model.read_checkpoint(os.path.join(out, "ckpt.pt"))
+        ckpt = checkpoints.read_checkpoint(os.path.join(out, "ckpt.pt"))
         assert ckpt["step"] == step and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-        assert model.load_checkpoint(os.path.join(out, "model"))[2] == exported
+        assert checkpoints.load_checkpoint(os.path.join(out, "model"))[2] == exported
     assert_same_state(finish(out, "--resume"), reference)
 
 
 # -------------------------------------------------------------------------------------------------
-# 4. Numerical faults
+# 3. Numerical faults
 
 
 def faulty_loss(bad_calls, kind="loss"):
@@ -605,7 +355,7 @@ def test_a_bad_step_changes_nothing_whatever_the_optimiser(name):
             n.zero_grad()
             n(x).pow(2).sum().backward()
         before = state()
-        train.step_unless(opt, torch.tensor(float(bad)))
+        control.step_unless(opt, torch.tensor(float(bad)))
         if bad:
             assert all(torch.equal(a, b) for a, b in zip(before, state()))
         else:
@@ -662,12 +412,12 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
     with torch.no_grad():
         net.weight[0, 0] = float("inf")
     with pytest.raises(SystemExit, match="non-finite weights"):
-        model.save_checkpoint(path, net, net, opt, 5, {}, 384, 0)
+        checkpoints.save_checkpoint(path, net, net, opt, 5, {}, 384, 0)
     assert open(path, "rb").read() == b"the last good checkpoint"
 
 
 # -------------------------------------------------------------------------------------------------
-# 5. Checkpoints that would run code are refused
+# 4. Checkpoints that would run code are refused
 
 
 class RunsCode:
@@ -699,7 +449,7 @@ def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, capsys, monkeypat
 
 
 # -------------------------------------------------------------------------------------------------
-# 6. Several processes (torchrun, gloo on the CPU)
+# 5. Several processes (torchrun, gloo on the CPU)
 
 WRAPPER = """
 import os, sys, torch
@@ -733,8 +483,8 @@ def test_two_processes_with_gloo_train_on_the_right_text_hold_identical_weights_
     wrapper.write_text(WRAPPER.format(here=HERE, out=out))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               str(wrapper), "--out", out, *RUN, "--batch-size", "8", "--aux-start", "0"]
-    text = model.TextEncoder("default", 16)
-    table = model.TextTable(text, shapes.TrainingData(16).captions, fake=True)
+    text = text_encoder.TextEncoder("default", 16)
+    table = text_encoder.TextTable(text, shapes.TrainingData(16).captions, fake=True)
     for steps, extra in ((3, ["--iters", "3"]), (2, ["--iters", "5", "--resume"])):
         r = subprocess.run(launch + extra, cwd=HERE, env=ENV, capture_output=True, text=True,
                            timeout=HUNG)
@@ -750,7 +500,7 @@ def test_two_processes_with_gloo_train_on_the_right_text_hold_identical_weights_
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 5 and all(torch.equal(ckpt["model"][k], w0[k]) for k in w0)
     torch.manual_seed(0)
-    fresh = model.build_model(ckpt["config"], ckpt["text_dim"]).state_dict()
+    fresh = checkpoints.build_model(ckpt["config"], ckpt["text_dim"]).state_dict()
     assert not all(torch.equal(fresh[k], w0[k]) for k in w0)  # it trained
     logged = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
     assert logged == [1, 2, 3, 4, 5]  # one log, written by rank 0 only

@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-import model
+import checkpoints
+import cli
 import sample
+import text_encoder
 from conftest import expect_input_error, export_model, in_ascii_locale
 
 
@@ -67,7 +69,7 @@ def bad_input_case(case, tmp_path):
             f"{str(run)!r} is a folder but not an export: --ckpt expects a ckpt.pt written by "
             f"train.py or an exported folder (config.json + model.safetensors); did you mean "
             f"{run / 'ckpt.pt'}?")),
-        "empty_folder": (["--ckpt", str(run)], model.CKPT_EXPECTED),
+        "empty_folder": (["--ckpt", str(run)], checkpoints.CKPT_EXPECTED),
     }[case]
 
 
@@ -96,14 +98,14 @@ def test_bad_flags_are_one_line_and_exit_2(case, tmp_path, capsys, monkeypatch):
 def test_export_of_the_cpu_default_model_is_under_10_mb_and_loads_bit_for_bit(tmp_path):
     cfg = {"model": "tiny", "res": 32, "patch": 4, "data": "shapes"}
     torch.manual_seed(0)
-    net = model.build_model(cfg, 384)
+    net = checkpoints.build_model(cfg, 384)
     for p in net.parameters():  # every weight nonzero: a zero-initialised layer proves nothing
         torch.nn.init.normal_(p)
-    model.export_ema(str(tmp_path / "model"), net, cfg, 7, 384)
+    checkpoints.export_ema(str(tmp_path / "model"), net, cfg, 7, 384)
     assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "model.safetensors"]
     assert os.path.getsize(tmp_path / "model" / "model.safetensors") < 10e6
-    loaded, config, step = model.load_checkpoint(str(tmp_path / "model"))
-    assert step == 7 and config == {**model.BEFORE_KEY, **cfg} and not loaded.training
+    loaded, config, step = checkpoints.load_checkpoint(str(tmp_path / "model"))
+    assert step == 7 and config == {**checkpoints.BEFORE_KEY, **cfg} and not loaded.training
     state = loaded.state_dict()
     assert all(v.dtype == torch.float32 and torch.equal(v, state[k])
                for k, v in net.state_dict().items())
@@ -161,11 +163,11 @@ def test_a_kill_between_the_renames_leaves_no_pair_that_loads(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         export_model(tmp_path / "model", seed=1)
     assert renamed == [os.path.join(folder, "model.safetensors")]  # new weights, old config
-    with pytest.raises(model.InputError, match="is not the file"):
-        model.load_checkpoint(folder)
+    with pytest.raises(cli.InputError, match="is not the file"):
+        checkpoints.load_checkpoint(folder)
     monkeypatch.setattr(os, "replace", replace)
     export_model(tmp_path / "model", seed=1)  # the next save makes it whole again
-    model.load_checkpoint(folder)
+    checkpoints.load_checkpoint(folder)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -249,7 +251,7 @@ def test_a_missing_text_encoder_folder_names_the_flag(export, tmp_path, capsys,
 def test_a_text_encoder_of_another_width_is_refused(export, tmp_path, capsys, monkeypatch):
     from transformers import AutoTokenizer, BertConfig, BertModel
     enc = str(tmp_path / "narrow")
-    tokenizer = AutoTokenizer.from_pretrained(model.resolve_text_encoder("default"))
+    tokenizer = AutoTokenizer.from_pretrained(text_encoder.resolve_text_encoder("default"))
     tokenizer.save_pretrained(enc)
     BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=64)).save_pretrained(enc)
@@ -266,14 +268,17 @@ def test_a_text_encoder_of_another_width_is_refused(export, tmp_path, capsys, mo
 
 @pytest.mark.slow
 def test_the_export_gives_the_checkpoints_images_bit_for_bit(shapes_run):
-    from_ckpt, cfg, step = model.load_checkpoint(os.path.join(shapes_run, "ckpt.pt"))
-    from_export, cfg_export, step_export = model.load_checkpoint(os.path.join(shapes_run, "model"))
+    load = checkpoints.load_checkpoint
+    from_ckpt, cfg, step = load(os.path.join(shapes_run, "ckpt.pt"))
+    from_export, cfg_export, step_export = load(os.path.join(shapes_run, "model"))
     assert (cfg, step) == (cfg_export, step_export) and step == 2
-    text = model.TextEncoder(cfg["text_encoder"], cfg["text_len"])
+    text = text_encoder.TextEncoder(cfg["text_encoder"], cfg["text_len"])
     prompts = ["a photo of a red circle", "a photo of two blue squares"]
-    a = model.generate(from_ckpt, text, prompts, [1, 2, 8], seed=3, eta=1.0)
-    b = model.generate(from_export, text, prompts, [1, 2, 8], seed=3, eta=1.0)
-    untrained = model.generate(model.build_model(cfg, text.dim).eval(), text, prompts, [2], seed=3)
+    eta_1 = checkpoints.sampler_of(cfg, eta=1.0)
+    a = checkpoints.generate(from_ckpt, text, prompts, [1, 2, 8], 3, 1.0, eta_1)
+    b = checkpoints.generate(from_export, text, prompts, [1, 2, 8], 3, 1.0, eta_1)
+    untrained = checkpoints.generate(checkpoints.build_model(cfg, text.dim).eval(), text, prompts,
+                                     [2], 3, 1.0, eta_1)
     assert not torch.equal(a[2], untrained[2])  # it trained: the weights make a difference
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -288,7 +293,7 @@ def test_text_encoder_override_gives_the_runs_images(shapes_run, tmp_path, capsy
     argv = ["--ckpt", handed, "--prompt", "a photo of a red circle", "--steps", "2"]
     assert "pass --text-encoder" in expect_input_error(
         sample.main, [*argv, "--out", str(tmp_path / "h")], capsys, monkeypatch)
-    run_sample([*argv, "--text-encoder", str(model.resolve_text_encoder("default")),
+    run_sample([*argv, "--text-encoder", str(text_encoder.resolve_text_encoder("default")),
                 "--out", str(tmp_path / "h")], monkeypatch)
     run_sample(["--ckpt", os.path.join(shapes_run, "ckpt.pt"), *argv[2:],
                 "--out", str(tmp_path / "own")], monkeypatch)

@@ -3,22 +3,23 @@ selfe.py as its help says, the judge is the EMA, the EMA is the average its form
 loss's gradient has the paper's stop-gradients. Spies stand in for selfe.selfe_loss and
 selfe.sample and pass every call through; the expected values are written out here, not read
 from the code under test."""
+import dataclasses
 import math
 import sys
 
 import pytest
 import torch
 
-import model
+import checkpoints
 import sample
 import selfe
+import text_encoder
 import train
-from conftest import export_model, trained_like
-from test_selfe import LinearNet, Recorder, one
+from conftest import SHORT, LinearNet, Recorder, export_model, loss_with, one, trained_like
+
 
 STEPS = 4
-SHORT = ["--preset", "cpu", "--iters", str(STEPS), "--batch-size", "4", "--res", "16",
-         "--log-every", "1", "--eval-every", "0", "--sample-every", "100", "--final-eval", "off"]
+RUN = [*SHORT, "--iters", str(STEPS), "--batch-size", "4", "--sample-every", "100", "--final-grid"]
 
 
 def spied_run(out, argv):
@@ -26,25 +27,28 @@ def spied_run(out, argv):
     calls by step, the final checkpoint). A loss call records its keyword arguments and the
     online weights the step starts from."""
     losses, samples, encodes = [], [], []
-    real_loss, real_sample, real_encode = selfe.selfe_loss, selfe.sample, model.TextEncoder.encode
+    real_loss, real_sample = selfe.selfe_loss, selfe.sample
+    real_encode = text_encoder.TextEncoder.encode
 
     def loss(net, x0, cond, null, fake=None, null_fake=None, **kwargs):
         if "eval_net" in kwargs:  # a training step's (the start-up memory estimate passes none)
             weights = {n: p.detach().clone() for n, p in net.named_parameters()}
-            losses.append(dict(kwargs, rows=len(x0), cond=cond, fake=fake, weights=weights))
+            losses.append(dict(dataclasses.asdict(kwargs["recipe"]), tau=kwargs["tau"],
+                               eval_net=kwargs["eval_net"], rows=len(x0), cond=cond, fake=fake,
+                               weights=weights))
         return real_loss(net, x0, cond, null, fake, null_fake, **kwargs)
 
-    def sampler(net, noise, cond, null=None, **kwargs):
-        samples.append(kwargs)
-        return real_sample(net, noise, cond, null, **kwargs)
+    def sampler(net, noise, cond, null, steps, shift, options, generator=None):
+        samples.append(dict(steps=steps, shift=shift, **dataclasses.asdict(options)))
+        return real_sample(net, noise, cond, null, steps, shift, options, generator)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(selfe, "selfe_loss", loss)
         mp.setattr(selfe, "sample", sampler)
-        mp.setattr(model.TextEncoder, "encode",
+        mp.setattr(text_encoder.TextEncoder, "encode",
                    lambda self, c: encodes.append(len(losses)) or real_encode(self, c))
-        train.main(["--out", str(out), *SHORT, *argv])
-    return losses, samples, encodes, model.read_checkpoint(str(out / "ckpt.pt"))
+        train.main(["--out", str(out), *RUN, *argv])
+    return losses, samples, encodes, checkpoints.read_checkpoint(str(out / "ckpt.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +131,9 @@ def test_the_gradient_is_that_of_the_loss_written_by_hand(renorm, seed):
     torch.manual_seed(seed)
     net = Recorder(LinearNet())
     B, m, x0, k = 16, 8, torch.randn(16, 3, 4, 4), 0.7
-    loss, _ = selfe.selfe_loss(net, x0, one(torch.randn(B)), one(torch.zeros(B)),
-                               one(torch.randn(B)), one(torch.full((B,), -1.0)), tau=1.0,
-                               p_null=0.2, renorm=renorm, k=k)
+    loss, _ = loss_with(net, x0, one(torch.randn(B)), one(torch.zeros(B)),
+                        one(torch.randn(B)), one(torch.full((B,), -1.0)), tau=1.0,
+                        p_null=0.2, renorm=renorm, k=k)
     got = torch.autograd.grad(loss, list(net.parameters()))
 
     def G(call):  # Eq. 6 again from the call's recorded inputs, with gradient
@@ -161,15 +165,15 @@ def test_the_gradient_is_that_of_the_loss_written_by_hand(renorm, seed):
 
 
 # -------------------------------------------------------------------------------------------------
-# Sampling: model.generate and sample.py pass each flag on
+# Sampling: checkpoints.generate and sample.py pass each flag on
 
 
 def spy_sampler(monkeypatch):
     calls, real = [], selfe.sample
 
-    def sampler(net, noise, cond, null=None, **kwargs):
-        calls.append(kwargs)
-        return real(net, noise, cond, null, **kwargs)
+    def sampler(net, noise, cond, null, steps, shift, options, generator=None):
+        calls.append(dict(steps=steps, shift=shift, **dataclasses.asdict(options)))
+        return real(net, noise, cond, null, steps, shift, options, generator)
     monkeypatch.setattr(selfe, "sample", sampler)
     return calls
 
@@ -177,18 +181,19 @@ def spy_sampler(monkeypatch):
 SELFE = dict(cfg=5.0, eta=0.0, s_k="next", uncond_at_t=True)  # the paper's omega 5, Eq. 22
 
 
-def test_generate_passes_its_sampler_on_and_defaults_to_self_e(monkeypatch):
+def test_generate_passes_its_sampler_and_shift_on_and_has_no_default(monkeypatch):
     calls = spy_sampler(monkeypatch)
-    net = trained_like(model.DiT(res=16, patch=4, dim=32, depth=1, heads=2))
+    net = trained_like(selfe.DiT(res=16, patch=4, dim=32, depth=1, heads=2))
     text = lambda prompts: (torch.randn(len(prompts), 4, 384),  # noqa: E731
                             torch.ones(len(prompts), 4, dtype=torch.bool),
                             torch.randn(len(prompts), 384))
-    model.generate(net, text, ["a", "b"], [3, 1], seed=5)
-    model.generate(net, text, ["a"], [2], seed=5, shift=3.0, cfg=2.0, eta=1.0, s_k=0.5,
-                   uncond_at_t=False)
-    assert [{k: v for k, v in c.items() if k != "generator"} for c in calls] == [
-        dict(SELFE, steps=3, shift=1.0), dict(SELFE, steps=1, shift=1.0),
-        dict(steps=2, shift=3.0, cfg=2.0, eta=1.0, s_k=0.5, uncond_at_t=False)]
+    checkpoints.generate(net, text, ["a", "b"], [3, 1], 5, 1.0, selfe.SAMPLERS["selfe"])
+    checkpoints.generate(net, text, ["a"], [2], 5, 3.0, selfe.Sampler(cfg=2.0, eta=1.0, s_k=0.5,
+                                                                      uncond_at_t=False))
+    assert calls == [dict(SELFE, steps=3, shift=1.0), dict(SELFE, steps=1, shift=1.0),
+                     dict(steps=2, shift=3.0, cfg=2.0, eta=1.0, s_k=0.5, uncond_at_t=False)]
+    with pytest.raises(TypeError):  # told the sampler, or nothing: never another method's
+        checkpoints.generate(net, text, ["a"], [2], 5, 1.0)
 
 
 @pytest.mark.parametrize("method,flags,expected", [
@@ -206,5 +211,5 @@ def test_sample_py_passes_each_flag_and_the_runs_method_and_shift(method, flags,
                                       "--steps", "2", "--out", str(tmp_path / "s"), *flags])
     sample.main()
     assert 2 in [c["steps"] for c in calls]  # (after an untimed warm-up)
-    assert all({k: v for k, v in c.items() if k not in ("generator", "steps")}
-               == dict(expected, shift=2.0) for c in calls)
+    assert all({k: v for k, v in c.items() if k != "steps"} == dict(expected, shift=2.0)
+               for c in calls)

@@ -16,6 +16,7 @@ between the samples and true draws of the same classes (0 = the same distributio
 """
 import argparse
 import copy
+import dataclasses
 import math
 import time
 
@@ -88,21 +89,19 @@ def train(method, centres, seed, iters=4000, batch=256, renorm=True, aux_start=1
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.95))
     null, null_fake = (torch.full((batch,), NULL),), (torch.full((batch,), 2 * NULL + 1),)
+    recipe = selfe.Recipe(fm=method == "fm", renorm=renorm, k=k)
     for step in range(iters):
         x0, c = draw_data(centres, batch, gen)
         fake = (c + NULL + 1,) if step >= aux_start * iters else None  # "<class> fake image"
         # lr: warm-up over 100 steps, then linear decay from 1e-3 to 1e-5
         opt.param_groups[0]["lr"] = 1e-3 * min((step + 1) / 100, 1 - 0.99 * step / iters)
-        loss, _ = selfe.selfe_loss(net, x0, (c,), null, fake, null_fake, fm=method == "fm",
-                                   tau=min(1.0, step / (0.4 * iters)), renorm=renorm, eval_net=ema,
-                                   k=k)
+        loss, _ = selfe.selfe_loss(net, x0, (c,), null, fake, null_fake,
+                                   tau=min(1.0, step / (0.4 * iters)), recipe=recipe, eval_net=ema)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        decay = min(0.9999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
+        selfe.ema_update(ema, net, min(0.9999, (1 + step) / (10 + step)))
     return ema
 
 
@@ -110,8 +109,8 @@ def draw_samples(model, method, steps, cfg, n=2000):
     """n samples, classes 0-3 in turn, with the method's default sampler (selfe.SAMPLERS)."""
     c = torch.arange(n) % CLASSES
     noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(123))
-    sampler = {**selfe.SAMPLERS[method], "cfg": cfg}
-    return selfe.sample(model, noise, (c,), (torch.full((n,), NULL),), steps, **sampler), c
+    sampler = dataclasses.replace(selfe.SAMPLERS[method], cfg=cfg)
+    return selfe.sample(model, noise, (c,), (torch.full((n,), NULL),), steps, 1.0, sampler), c
 
 
 def accuracy(x, c, centres):

@@ -16,26 +16,26 @@ where it stopped, and --resume keeps what defines a run (IDENTITY) as it was sav
 """
 import argparse
 import copy
+import dataclasses
 import json
 import os
-import resource
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm import tqdm
 
 import selfe
 import shapes
+from checkpoints import (allow_tf32, build_model, export_ema, generate, load_weights,
+                         read_checkpoint, recipe_of, sampler_of, save_checkpoint)
 from cli import InputError, Parser, check_writable, run_cli
-from model import (MODELS, TextEncoder, TextTable, allow_tf32, build_model, export_ema,
-                   generate, load_weights, read_checkpoint, save_checkpoint)
+from control import (Clock, Interrupt, Tally, agree, memory_estimate, minutes, open_log,
+                     progress_figures, speed, step_flops, step_unless)
+from data import Batches, FolderData, loader, step_seed
+from text_encoder import TextEncoder, TextTable
 
 # -------------------------------------------------------------------------------------------------
 # Config: plain defaults, each with its help. None: the preset gives it.
@@ -92,7 +92,7 @@ PRESETS = {
                      lr=3e-4, warmup=1000, aux_start=0.77, k=0.9, compile=True, bf16=True,
                      workers=12, act_ckpt=True),
 }
-CHOICES = {"preset": ["auto", *PRESETS], "method": ["selfe", "fm"], "model": list(MODELS),
+CHOICES = {"preset": ["auto", *PRESETS], "method": ["selfe", "fm"], "model": list(selfe.MODELS),
            "final_eval": [*shapes.EVAL_SIZES, "off"]}
 MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop the run
 WARMUP_SHARE = 0.1  # the warm-up is at most this share of the run, so a short run reaches --lr
@@ -281,6 +281,7 @@ def train(argv, interrupt):
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids,
                                                         broadcast_buffers=False)
     autocast = torch.autocast(device.type, torch.bfloat16) if cfg["bf16"] else nullcontext()
+    recipe = recipe_of(cfg)
     batch = cfg["batch_size"] // world  # per process
     null, null_fake = text([""] * batch), text(text.fake_prompts([""] * batch))
     if rank == 0:  # only now that every input has been read: bad input leaves no folder behind
@@ -320,11 +321,9 @@ def train(argv, interrupt):
                 group["lr"] = lr_at(step, cfg)
             torch.manual_seed(step_seed(cfg["seed"], rank, step))  # this step's times and noise
             with autocast:
-                loss, stats = selfe.selfe_loss(
-                    net, x0, cond, null, fake, null_fake, fm=cfg["method"] == "fm",
-                    tau=tau_at(step, cfg), p_equal=cfg["p_equal"], p_null=cfg["p_null"],
-                    shift=cfg["shift"], renorm=cfg["renorm"], eval_net=eval_net,
-                    null_any_s=cfg["null_any_s"], k=cfg["k"])
+                loss, stats = selfe.selfe_loss(net, x0, cond, null, fake, null_fake,
+                                               tau=tau_at(step, cfg), recipe=recipe,
+                                               eval_net=eval_net)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
@@ -332,9 +331,7 @@ def train(argv, interrupt):
             if world > 1:  # a fault on one process skips the step on all of them
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             step_unless(opt, bad)
-            decay = min(cfg["ema"], (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+            selfe.ema_update(ema, model, min(cfg["ema"], (1 + step) / (10 + step)))
         clock.steps += step not in builds
         tally.add(loss.detach(), bad, stats["frac_self"])
         step += 1
@@ -351,7 +348,8 @@ def train(argv, interrupt):
                                  f"non-finite loss or gradient (by step {step}); stopped. "
                                  f"{saved} with a lower --lr or --clip")
             seconds, timed = clock.lap()
-            flops = step_flops(model, cfg["text_len"], stats["pass_rows"])
+            flops = step_flops(model, cfg["text_len"], batch, recipe.jump_rows(batch),
+                               aux_on(step - 1, cfg), cfg["k"])
             fig = speed(seconds, timed, flops, cfg["batch_size"], device) if timed else {}
             rec = {"step": step, **tally.read(), "grad_norm": grad_norm.item(),
                    "aux": float(stats["aux"]), "lr": lr_at(step - 1, cfg),
@@ -431,360 +429,21 @@ def check_out(out, resume):
 # Your images: a folder of captioned images
 
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def load_image(path, res):
-    """Any image PIL reads -> RGB uint8 (res, res, 3), centre-cropped to a square and resized.
-    Grayscale, palette, 16-bit and tiny images are converted; transparent pixels become white."""
-    img = Image.open(path)
-    img.load()  # decode now, so that a truncated file fails here
-    if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: PIL's conversion clips it
-        pixels = np.asarray(img, dtype=np.float64) / 257
-        img = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-    img = img.convert("RGB")
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    img = img.crop((left, top, left + side, top + side))
-    return np.asarray(img.resize((res, res), Image.BICUBIC))
-
-
-def read_text(path):
-    """A text file as UTF-8 whatever the locale; a BOM (as Notepad writes) is dropped."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
-
-
-def read_metadata(path):
-    """metadata.jsonl (Hugging Face imagefolder) -> {file_name: caption}."""
-    caps = {}
-    for i, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if not isinstance(row, dict) or not {"file_name", "text"} <= set(row):
-            raise InputError(f"{path}, line {i}: need a JSON object with 'file_name' and 'text'")
-        for k in ("file_name", "text"):
-            if not isinstance(row[k], str):
-                raise InputError(f"{path}, line {i}: '{k}' must be a string, not "
-                                 f"{type(row[k]).__name__}")
-        caps[os.path.normpath(row["file_name"])] = row["text"].strip()
-    return caps
-
-
-def scan_folder(root):
-    """-> (every image under root, as a path relative to it; {image: caption}). Captions come from
-    any metadata.jsonl (file_name relative to its own folder, subfolders allowed) or NAME.txt
-    beside NAME.png. Hidden folders are skipped."""
-    files, caps = [], {}
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        rel = os.path.relpath(folder, root)
-        files += [os.path.normpath(os.path.join(rel, n)) for n in names
-                  if n.lower().endswith(IMAGE_EXTS)]
-        if "metadata.jsonl" in names:
-            caps.update({os.path.normpath(os.path.join(rel, name)): text for name, text
-                         in read_metadata(os.path.join(folder, "metadata.jsonl")).items()})
-    for f in files:
-        txt = os.path.join(root, os.path.splitext(f)[0] + ".txt")
-        if f not in caps and os.path.exists(txt):
-            caps[f] = read_text(txt).strip()
-    return sorted(files), caps
-
-
-class FolderData:
-    """A folder of captioned images, loaded once into memory at the training resolution. Images
-    without a caption, with an empty one, and files that do not decode are skipped and counted;
-    none left: an error."""
-
-    def __init__(self, root, res, quiet=False):
-        if not os.path.isdir(root):
-            raise InputError(f"--data {root}: no such folder (use 'shapes' for the built-in data)")
-        files, caps = scan_folder(root)
-        if not files:
-            raise InputError(f"--data {root}: no images in it ({', '.join(IMAGE_EXTS)})")
-        images, self.captions, broken = [], [], []
-        uncaptioned = [n for n in files if n not in caps]
-        empty = [n for n in files if caps.get(n) == ""]
-        captioned = [n for n in files if caps.get(n)]
-        for name in tqdm(captioned, desc="images", disable=quiet or not captioned):
-            try:
-                images.append(load_image(os.path.join(root, name), res))
-                self.captions.append(caps[name])
-            except Exception:  # PIL raises OSError, ValueError, SyntaxError, ... for damaged files
-                broken.append(name)
-        unmatched = sorted(set(caps) - set(files))
-        skipped = ", ".join(f"{len(names)} {why}" + (f" (e.g. {names[0]})" if names else "")
-                            for names, why in ((uncaptioned, "without a caption"),
-                                               (empty, "with an empty one"),
-                                               (broken, "unreadable"))) + (
-            f"; {len(unmatched)} captions name no image here (e.g. {unmatched[0]})"
-            if unmatched else "")
-        if not images:
-            raise InputError(f"--data {root}: no usable images: {skipped}; captions go in "
-                             f"metadata.jsonl or NAME.txt beside NAME.png")
-        if not quiet:
-            print(f"data: {len(images)} images from {root}; skipped {skipped}")
-        self.images = np.stack(images)  # (N, res, res, 3) uint8
-
-    def batch(self, n, rng):
-        """-> ((n, res, res, 3) uint8 images, their n captions)."""
-        idx = rng.integers(len(self.images), size=n)
-        return self.images[idx], [self.captions[i] for i in idx]
-
-
-def step_unless(opt, bad):
-    """opt.step(), or no change at all (weights, moments, step count) where the 0-d tensor bad is
-    1. A fused torch optimiser reads found_inf on the device, as torch's GradScaler hands it over:
-    no host sync. Any other optimiser is asked on the host: one sync a step."""
-    if opt.defaults.get("fused"):
-        opt.found_inf = bad
-        opt.step()
-        del opt.found_inf  # read by the next step only if set again
-    elif not bad.item():
-        opt.step()
-
-
-def step_seed(seed, rank, step):
-    """One seed per (run seed, process, step): no step's randomness depends on earlier steps."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-class Batches(torch.utils.data.Dataset):
-    """Item k is the batch of step k, so DataLoader workers may render ahead in any order: uint8
-    images (B, res, res, 3) (a quarter of float32's bytes in shared memory) and their captions' row
-    ids in a TextTable, `rows`."""
-
-    def __init__(self, data, batch_size, seed, rank, rows):
-        self.data, self.batch_size, self.seed, self.rank = data, batch_size, seed, rank
-        self.rows = rows
-
-    def __getitem__(self, step):
-        rng = np.random.default_rng(step_seed(self.seed, self.rank, step))
-        images, captions = self.data.batch(self.batch_size, rng)
-        return torch.from_numpy(images), torch.tensor([self.rows[c] for c in captions])
-
-
-def loader(batches, steps, workers, pin):
-    """The batches of these steps, in order; workers > 0 render them ahead in other processes."""
-    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=steps, num_workers=workers,
-                                       pin_memory=pin, prefetch_factor=4 if workers else None,
-                                       worker_init_fn=shield_worker)
-
-
-def shield_worker(worker_id):
-    """Runs in each data worker as it starts. A stop signal sent to the whole process group
-    (Ctrl-C, timeout, torchrun, a scheduler) is for the main process, which finishes its step,
-    saves, then closes its workers: a worker ignores SIGINT, and SIGTERM from anyone but the main
-    process (whose SIGTERM ends a worker that does not stop when asked)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # macOS: no way to tell who sent a signal
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # kept for the thread below
-
-    def wait_for_the_main_process():
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
-            pass
-        os._exit(0)
-    threading.Thread(target=wait_for_the_main_process, daemon=True).start()
-
-
-# -------------------------------------------------------------------------------------------------
-# What the loop calls: running figures, the clock, speed, grids, evaluations, the log, signals
-
-
-class Tally:
-    """Running figures of the steps since the last log line, kept on the device (reading one costs
-    a host sync). skipped: the non-finite steps of the whole run; worst: the longest run of them."""
-
-    def __init__(self, device, skipped):
-        zero = torch.zeros((), device=device)
-        self.skipped = zero + skipped
-        self.streak, self.worst, self.bad = zero.clone(), zero.clone(), zero.clone()
-        self.loss, self.frac_self = zero.clone(), zero.clone()
-        self.steps = 0
-
-    def add(self, loss, bad, frac_self):
-        self.skipped += bad
-        self.streak = (self.streak + 1) * bad
-        self.worst = torch.maximum(self.worst, self.streak)
-        self.bad += bad
-        self.loss += torch.nan_to_num(loss) * (1 - bad)
-        self.frac_self += frac_self
-        self.steps += 1
-
-    def read(self):
-        """-> the mean loss of the window's good steps, its share of s < t rows and the skipped
-        steps so far; then a new window starts."""
-        good = self.steps - self.bad.item()
-        rec = {"loss": self.loss.item() / good if good else None,
-               "frac_self": self.frac_self.item() / self.steps, "skipped": int(self.skipped.item())}
-        for acc in (self.bad, self.loss, self.frac_self):
-            acc.zero_()
-        self.steps = 0
-        return rec
-
-
-class Clock:
-    """Training time: a stopwatch the loop stops (off) for compilation, checkpoints, grids and
-    evaluations. It waits for the device where it stops or starts: queued GPU work counts right."""
-
-    def __init__(self, device):
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.seconds, self.steps, self.t0 = 0.0, 0, time.perf_counter()
-
-    @contextmanager
-    def off(self, when=True):
-        if not when:
-            yield
-            return
-        self.sync()
-        self.seconds += time.perf_counter() - self.t0
-        try:
-            yield
-        finally:
-            self.sync()
-            self.t0 = time.perf_counter()
-
-    def lap(self):
-        """-> (training seconds, steps timed) since the last lap."""
-        self.sync()
-        now = time.perf_counter()
-        out = (self.seconds + now - self.t0, self.steps)
-        self.seconds, self.steps, self.t0 = 0.0, 0, now
-        return out
-
-
-def step_flops(model, text_len, pass_rows):
-    """FLOPs of a step on one process: pass_rows forward rows (selfe_loss counts them: a pass with
-    gradient, forward and backward, as 3). None for a network without .flops (optional: the log
-    then shows no MFU)."""
-    if not hasattr(model, "flops"):
-        return None
-    return model.flops(text_len) * pass_rows
-
-
-def saved_bytes(run, rows, weights):
-    """Bytes autograd keeps for the backward pass of run(rows), a forward pass on `rows` rows on
-    the CPU: every tensor it saves, each storage once, those in `weights` (counted apart) not."""
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run(rows)
-    return sum(saved.values())
-
-
-def memory_estimate(cfg, text_dim, batch):
-    """-> {fake: bytes} for fake False and True: the estimated peak memory of one process's step
-    on `batch` rows, without and with the fake-score pass. Weights, their gradients, Adam's two
-    moments and the EMA (5 float32 copies of the weights), plus the activations autograd saves,
-    measured on the CPU at 2 and 4 rows and scaled linearly to the batch. With act_ckpt the
-    blocks keep their input alone, and one block's activations live again while the backward pass
-    recomputes it."""
-    net = build_model(cfg, text_dim)  # a CPU copy: sizes, not values, matter
-    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    L, res, fm = cfg["text_len"], cfg["res"], cfg["method"] == "fm"
-    dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
-    autocast = torch.autocast("cpu", torch.bfloat16, enabled=cfg["bf16"])
-
-    def cond(n):
-        return (torch.randn(n, L, text_dim), torch.ones(n, L, dtype=torch.bool),
-                torch.randn(n, text_dim))
-
-    def step(rows, fake):
-        with autocast:
-            selfe.selfe_loss(net, torch.randn(rows, 3, res, res), cond(rows), cond(rows),
-                             cond(rows) if fake else None, cond(rows), fm=fm,
-                             p_equal=cfg["p_equal"])
-
-    def scaled(run, rows):  # the saved bytes of run at `rows`, from those at 2 and 4
-        two, four = (saved_bytes(run, n, weights) for n in (2, 4))
-        return two + (four - two) / 2 * (rows - 2)
-
-    static = 5 * 4 * sum(p.numel() for p in net.parameters())  # 5 float32 copies
-    out = {fake: static + scaled(lambda n: step(n, fake), batch) for fake in (False, True)}
-    if getattr(net, "act_ckpt", False):  # a DiT's blocks
-        N = L + (res // cfg["patch"]) ** 2  # tokens in the stream
-
-        def block(rows):
-            with autocast:
-                net.blocks[0](torch.randn(rows, N, net.dim, dtype=dtype),
-                              torch.randn(rows, net.dim), torch.ones(rows, 1, 1, N, dtype=bool))
-        m = 0 if fm else round((1 - cfg["p_equal"]) * batch)  # the fake pass's rows
-        for fake in (False, True):
-            rows = batch + m * fake  # the rows of the passes with gradient: their inputs kept
-            kept = len(net.blocks) * rows * N * net.dim * dtype.itemsize
-            out[fake] += kept + scaled(block, batch)  # the widest pass's block recomputed
-    return out
-
-
-# Dense bf16 peaks (datasheets), for MFU. The first key the device name contains wins.
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
-             ("H200", 989e12), ("A100", 312e12))
-
-
-def peak_flops(name):
-    """-> the bf16 peak of a GPU by its name, None for one we do not know."""
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
-
-
-def speed(seconds, steps, flops, batch, device):
-    """-> {ms_per_step, img_per_s, mfu (known GPUs), peak_mem_gb}. flops: of one process's step
-    (MFU is per GPU); batch: images per step, all processes."""
-    out = {"ms_per_step": 1000 * seconds / steps, "img_per_s": batch * steps / seconds}
-    cuda = device.type == "cuda"
-    peak = peak_flops(torch.cuda.get_device_name(device) if cuda else "cpu")
-    if peak and flops:
-        out["mfu"] = flops * steps / seconds / peak
-    if cuda:
-        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    else:  # the process's peak resident memory (Linux reports kB)
-        out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    return out
-
-
-def progress_figures(rec):
-    loss = float("nan") if rec["loss"] is None else rec["loss"]
-    out = {"loss": f"{loss:.4f}", "img_s": f"{rec.get('img_per_s', float('nan')):.0f}",
-           "tau": f"{rec['tau']:.2f}"}
-    if "mfu" in rec:
-        out["mfu"] = f"{100 * rec['mfu']:.1f}%"
-    return out
-
-
 GRID_PROMPTS = ["a photo of a red circle", "a photo of a blue square",
                 "a photo of a triangle and a circle", "a photo of three squares",
                 "a photo of a circle left of a square",
                 "a photo of a yellow triangle and a green square"]
 
 
-def sampler_of(cfg):
-    return {**selfe.SAMPLERS[cfg["method"]], "shift": cfg["shift"]}
-
-
 def drawer(ema, text, cfg, steps_list):
     """-> draw(prompts, seed): ShapesEval's view of the model."""
-    return lambda prompts, seed: generate(ema, text, prompts, steps_list, seed, **sampler_of(cfg))
+    return lambda prompts, seed: generate(ema, text, prompts, steps_list, seed, cfg["shift"],
+                                          sampler_of(cfg))
 
 
 def write_grid(ema, text, data, cfg, step):
     prompts = GRID_PROMPTS if cfg["data"] == "shapes" else list(dict.fromkeys(data.captions))[:6]
-    images = generate(ema, text, prompts, [2, 4, 8, 50], seed=0, **sampler_of(cfg))
+    images = generate(ema, text, prompts, [2, 4, 8, 50], 0, cfg["shift"], sampler_of(cfg))
     shapes.save_grid(images, prompts, os.path.join(cfg["out"], "samples", f"step_{step:06d}.png"))
 
 
@@ -808,7 +467,7 @@ def final_eval(ema, text, cfg, step, log):
     t0, out, size = time.perf_counter(), os.path.join(cfg["out"], "eval"), cfg["final_eval"]
     os.makedirs(out, exist_ok=True)
     info = {"ckpt": os.path.join(cfg["out"], "ckpt.pt"), "step": step, "method": cfg["method"],
-            "sampler": sampler_of(cfg)}
+            "sampler": {**dataclasses.asdict(sampler_of(cfg)), "shift": cfg["shift"]}}
     results = shapes.report(drawer(ema, text, cfg, [2, 4, 8, 50]), ema.res, size, out, info)
     log.write(json.dumps({"step": step, "final_eval": size,
                           "seconds": round(time.perf_counter() - t0, 1),
@@ -820,55 +479,6 @@ def final_eval(ema, text, cfg, step, log):
           f"{out}/results.json, grid.png):")
     print(shapes.markdown_table({f"{k} steps": r for k, r in results.items()}, "steps"))
 
-
-def open_log(path):
-    """log.jsonl for appending. A kill -9 may have cut its last line short: go on on a new line."""
-    cut = False
-    if os.path.exists(path) and os.path.getsize(path):
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            cut = f.read() != b"\n"
-    log = open(path, "a")
-    if cut:
-        log.write("\n")
-    return log
-
-
-def agree(flag, device):
-    """True on every process if it is True on any: processes must stop at the same step."""
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-class Interrupt:
-    """Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a second one stops
-    at once, and so does the first once at_once is set (the final evaluation). Stopping at once
-    raises KeyboardInterrupt. restore() puts the previous handlers back (notebooks, tests).
-    last_save: where a run that stops without saving goes on from."""
-
-    def __init__(self):
-        self.requested, self.at_once = False, False
-        self.last_save = "no checkpoint yet: start again"
-        self.previous = {sig: signal.signal(sig, self.handle)
-                         for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def saved(self, path, step, out):
-        self.last_save = (f"the last checkpoint, {path}, is at step {step}: continue with "
-                          f"--resume --out {out}")
-
-    def handle(self, signum, frame):
-        if self.at_once or self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def minutes(seconds):
-    return f"{int(seconds // 60)}:{seconds % 60:04.1f}"
 
 
 if __name__ == "__main__":

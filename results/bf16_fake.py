@@ -19,8 +19,8 @@ import torch  # noqa: E402
 
 import selfe  # noqa: E402
 import shapes  # noqa: E402
-from model import TextEncoder  # noqa: E402
-from push_pull import load, norm  # noqa: E402
+from checkpoints import load_both  # noqa: E402
+from text_encoder import TextEncoder  # noqa: E402
 
 CELLS = ((0.95, 0.5), (0.8, 0.5), (0.6, 0.5), (0.4, 0.5), (0.95, 0.1), (0.6, 0.9))  # (t, f)
 
@@ -28,7 +28,7 @@ CELLS = ((0.95, 0.5), (0.8, 0.5), (0.6, 0.5), (0.4, 0.5), (0.95, 0.1), (0.6, 0.9
 @torch.no_grad()
 def main(path, n=256):
     torch.set_num_threads(1)
-    cfg, net, ema = load(path)
+    cfg, net, ema = load_both(path)
     text = TextEncoder(cfg["text_encoder"], cfg["text_len"])
     images, captions = shapes.TrainingData(cfg["res"]).batch(n, np.random.default_rng(0))
     x0, cond, fake = shapes.to_model(images), text(captions), text(selfe.fake_prompts(captions))
@@ -47,9 +47,9 @@ def main(path, n=256):
             d16 = selfe.G(net, x_s, s, s, fake).float() - G_c
         cos = torch.nn.functional.cosine_similarity(d16.flatten(1).double(),
                                                     d32.flatten(1).double(), dim=1)
+        size = d32.flatten(1).norm(dim=1) / x0_hat.flatten(1).norm(dim=1)
         print(f"| {t_} | {f} | {cos.median():.4f} | {torch.quantile(cos, 0.05):.4f} | "
-              f"{(cos < 0.99).double().mean():.2f} | {(norm(d32) / norm(x0_hat)).median():.4f} |",
-              flush=True)
+              f"{(cos < 0.99).double().mean():.2f} | {size.median():.4f} |", flush=True)
 
 
 if __name__ == "__main__":

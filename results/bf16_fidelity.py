@@ -33,7 +33,8 @@ import torch  # noqa: E402
 
 import selfe  # noqa: E402
 import shapes  # noqa: E402
-from model import TextEncoder, build_model, load_weights, read_checkpoint  # noqa: E402
+from checkpoints import load_both, read_checkpoint  # noqa: E402
+from text_encoder import TextEncoder  # noqa: E402
 
 TS = (0.2, 0.4, 0.6, 0.8, 0.95)
 FS = (0.1, 0.5, 0.9)  # s = f * t
@@ -84,12 +85,8 @@ def main():
     args = p.parse_args()
     start = time.perf_counter()
     torch.set_num_threads(1)
-    ckpt = read_checkpoint(args.ckpt)
-    cfg = ckpt["config"]
-    net, ema = (build_model(cfg, ckpt["text_dim"]) for _ in range(2))
-    load_weights(net, ckpt["model"], args.ckpt)
-    load_weights(ema, ckpt["ema"], args.ckpt)
-    net.eval().requires_grad_(False), ema.eval().requires_grad_(False)
+    cfg, net, ema = load_both(args.ckpt)
+    net.requires_grad_(False), ema.requires_grad_(False)
     text = TextEncoder(cfg["text_encoder"], cfg["text_len"])
     rng = np.random.default_rng(args.seed)
     images, captions = shapes.TrainingData(cfg["res"]).batch(args.n, rng)
@@ -135,7 +132,7 @@ def main():
                 out.append(r)
                 print(f"  t {t_:.2f} s/t {f:.1f} done ({time.perf_counter() - start:.0f} s)",
                       file=sys.stderr, flush=True)
-    report(out, args, ckpt, cfg, time.perf_counter() - start)
+    report(out, args, read_checkpoint(args.ckpt)["step"], cfg, time.perf_counter() - start)
 
 
 def cpu_model():
@@ -143,11 +140,11 @@ def cpu_model():
         return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "?")
 
 
-def report(out, args, ckpt, cfg, seconds):
+def report(out, args, step, cfg, seconds):
     print(f"# bf16 fidelity of the self-evaluation signal (jump rows)\n\n"
           f"{datetime.datetime.now().isoformat(timespec='seconds')} | CPU: {cpu_model()} | "
           f"torch {torch.__version__} | threads {torch.get_num_threads()}\n"
-          f"ckpt {args.ckpt} (step {ckpt['step']}, model {cfg['model']}, res {cfg['res']}, "
+          f"ckpt {args.ckpt} (step {step}, model {cfg['model']}, res {cfg['res']}, "
           f"patch {cfg['patch']}, method {cfg['method']}) | n {args.n} rows per cell | "
           f"seed {args.seed}\n")
     print("delta = G_u - G_c, bf16 against float32: cosine median / p5 / share < 0.99 / median "

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 import selfe  # noqa: E402
 import shapes  # noqa: E402
-from model import TextEncoder, build_model, load_weights, read_checkpoint  # noqa: E402
+from checkpoints import load_both  # noqa: E402
+from text_encoder import TextEncoder  # noqa: E402
 
 PAIRS = ((0.999, 0.5), (0.999, 0.25), (0.8, 0.4), (0.5, 0.25), (0.5, 0.001))  # (t, s)
 
@@ -36,19 +37,10 @@ def norm(x):
     return x.flatten(1).norm(dim=1)  # (B,)
 
 
-def load(path):
-    ckpt = read_checkpoint(path)
-    cfg = ckpt["config"]
-    net, ema = (build_model(cfg, ckpt["text_dim"]) for _ in range(2))
-    load_weights(net, ckpt["model"], path)
-    load_weights(ema, ckpt["ema"], path)
-    return cfg, net.eval(), ema.eval()
-
-
 @torch.no_grad()
 def push_pull(path, n, seed):
     """-> [(t, s, lam, pull, classifier push / pull, fake push / pull, cosine of the deltas)]."""
-    cfg, net, ema = load(path)
+    cfg, net, ema = load_both(path)
     text = TextEncoder(cfg["text_encoder"], cfg["text_len"])
     images, captions = shapes.TrainingData(cfg["res"]).batch(n, np.random.default_rng(seed))
     x0 = shapes.to_model(images)  # (n, 3, res, res)

