@@ -291,7 +291,7 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, tau, recipe, e
     t, s = sample_times(B, tau, m, r.shift, dev)
     x_t = add_noise(x0, t, torch.randn_like(x0))  # Eq. 1
     x0_hat = G(net, x_t, t, s, cond)  # Eq. 6: the one pass with gradient, (B, ...)
-    target, aux = x0, x0.new_zeros(1)  # rows with s = t learn the data alone: flow matching
+    target, aux, weight = x0, x0.new_zeros(1), 1.0  # s = t rows learn the data: flow matching
     if m > 0:  # the model judges its own jumps; on rows [0, m) only, since lam = 0 elsewhere
         x0_sg, t_m, s_m, x0_m = x0_hat[:m].detach(), t[:m], s[:m], x0[:m]
         # re-noise the jump's answer to s with fresh noise, then ask the model as a plain FM
@@ -316,14 +316,14 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, tau, recipe, e
         lam = lambda_st(t_m, s_m)  # Eq. 17
         if r.renorm:
             y = energy_renorm(x0_m, x_self, lam)  # Eq. 19
-        else:  # Eq. 18: the mix of the two regressions of Eq. 16, |x0_hat - x0|^2 + lam |..|^2
+        else:  # Eqs. 16 and 18: |x0_hat - x0|^2 + lam |x0_hat - x_self|^2 is (1 + lam) times
+            # the regression on their mix, up to a constant
             y = (x0_m + bcast(lam, x0_m) * x_self) / bcast(1 + lam, x0_m)
+            weight = torch.cat([1 + lam, lam.new_ones(B - m)])
         jumped = s_m < t_m  # False while tau = 0: the target is then exactly x0
         target = torch.cat([torch.where(bcast(jumped, x0_m), y.to(x0.dtype), x0_m), x0[m:]])
         aux = aux * jumped
-    per_row = sq_err(x0_hat, target) / t**2  # Eqs. 20-21; on s = t rows exactly ||V - v||^2
-    if not r.renorm:
-        per_row = per_row * (1 + lambda_st(t, s))  # Eq. 16: its two squares as one
+    per_row = sq_err(x0_hat, target) / t**2 * weight  # Eqs. 20-21; s = t rows: ||V - v||^2
     loss = per_row.mean() + aux.sum() / B
     # stats stay on the device (reading one costs a sync)
     return loss, {"frac_self": (s < t).float().mean(), "aux": aux.detach().sum() / B}
