@@ -15,6 +15,7 @@ import torch.distributed as dist
 import selfe
 from checkpoints import build_model, recipe_of
 
+
 def step_unless(opt, bad):
     """opt.step(), or no change at all (weights, moments, step count) where the 0-d tensor bad is
     1. A fused torch optimiser reads found_inf on the device, as torch's GradScaler hands it over:

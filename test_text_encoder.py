@@ -38,6 +38,7 @@ def closed_port():
         probe.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{probe.getsockname()[1]}"
 
+
 TINY = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
 
 

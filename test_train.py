@@ -187,7 +187,7 @@ def test_a_folder_in_either_layout_trains_on_each_image_with_its_own_caption(tmp
                 "".join(json.dumps({"file_name": n, "text": f"a photo of {n[0]}"}) + "\n"
                         for n in imgs))
     folders = {layout: data.FolderData(str(tmp_path / layout), 16, quiet=True)
-            for layout in ("jsonl", "txt")}
+               for layout in ("jsonl", "txt")}
     captions = ["a photo of a", "a photo of b", "a photo of c"]
     assert folders["jsonl"].captions == folders["txt"].captions == captions
     assert np.array_equal(folders["jsonl"].images, folders["txt"].images)

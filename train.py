@@ -480,6 +480,5 @@ def final_eval(ema, text, cfg, step, log):
     print(shapes.markdown_table({f"{k} steps": r for k, r in results.items()}, "steps"))
 
 
-
 if __name__ == "__main__":
     run_cli(main)
