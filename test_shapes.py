@@ -122,7 +122,8 @@ def test_geneval_rules():
     assert not shapes.score([O("circle", "red", 0.2, 0.3, 0.1)], pos)  # the reference must be found
 
 
-@pytest.mark.parametrize("res", [32, pytest.param(64, marks=pytest.mark.slow)])
+@pytest.mark.slow  # about 3 s at 32 px
+@pytest.mark.parametrize("res", [32, 64])
 def test_judge_validation_oracle_robustness_chance_floor(res):
     rows = shapes.validate(res, per_tag=10)
     assert shapes.validation_passes(rows), shapes.markdown_table(rows)
@@ -150,6 +151,7 @@ def test_frechet_distance_by_hand():
     assert abs(shapes.frechet(a, b) - 4.0) < 0.2
 
 
+@pytest.mark.slow  # about 3 s
 def test_scene_distance_sees_collapse_that_the_overall_score_cannot():
     rows = shapes.validate(32, per_tag=10)
     assert rows["collapsed"]["overall"] == 1.0

@@ -18,7 +18,7 @@ import selfe
 import shapes
 import text_encoder
 import train
-from conftest import HERE, HUNG, SHORT, StudentNet, expect_input_error
+from conftest import HERE, HUNG, SHORT, StudentNet, expect_input_error, image_folder
 
 
 def test_the_preset_says_when_the_fake_score_term_comes_on_and_a_flag_wins():
@@ -290,8 +290,8 @@ def test_the_log_shows_mfu_for_a_network_with_flops_and_none_without(own, tmp_pa
     if own:
         monkeypatch.setattr(train, "build_model", lambda cfg, dim: StudentNet(
             checkpoints.build_model(cfg, dim)))
-    out = str(tmp_path / "run")
-    train.main(["--out", out, *SHORT, "--iters", "3", "--aux-start", "0"])
+    out, pics = str(tmp_path / "run"), image_folder(tmp_path / "pics", ["a.png"])  # one caption
+    train.main(["--out", out, "--data", pics, *SHORT, "--iters", "3", "--aux-start", "0"])
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert [("mfu" in r) for r in log] == [False, not own, not own]  # step 1 builds: not timed
