@@ -483,11 +483,16 @@ def test_two_processes_with_gloo_train_on_the_right_text_hold_identical_weights_
     wrapper.write_text(WRAPPER.format(here=HERE, out=out))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               str(wrapper), "--out", out, *RUN, "--batch-size", "8", "--aux-start", "0"]
-    text = text_encoder.TextEncoder("default", 16)
-    table = text_encoder.TextTable(text, shapes.TrainingData(16).captions, fake=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, as each process below: the kernels' split, the bits
+    try:
+        text = text_encoder.TextEncoder("default", 16)
+        table = text_encoder.TextTable(text, shapes.TrainingData(16).captions, fake=True)
+    finally:
+        torch.set_num_threads(threads)
     for steps, extra in ((3, ["--iters", "3"]), (2, ["--iters", "5", "--resume"])):
-        r = subprocess.run(launch + extra, cwd=HERE, env=ENV, capture_output=True, text=True,
-                           timeout=HUNG)
+        r = subprocess.run(launch + extra, cwd=HERE, env={**ENV, "OMP_NUM_THREADS": "1"},
+                           capture_output=True, text=True, timeout=HUNG)
         assert r.returncode == 0, r.stderr[-3000:]
         w0, w1 = (torch.load(os.path.join(out, f"rank{i}.pt"), weights_only=True) for i in (0, 1))
         assert all(torch.equal(w0[k], w1[k]) for k in w0)
