@@ -16,11 +16,19 @@ import selfe
 from checkpoints import build_model, recipe_of
 
 
+# Fused optimisers that skip a step on found_inf leaving their state as it was, their first step
+# included. Fused SGD with momentum does not: a skipped first step leaves its momentum buffer
+# allocated and never written, and the next step reads it.
+FOUND_INF_SAFE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
+
+
 def step_unless(opt, bad):
     """opt.step(), or no change at all (weights, moments, step count) where the 0-d tensor bad is
-    1. A fused torch optimiser reads found_inf on the device, as torch's GradScaler hands it over:
-    no host sync. Any other optimiser is asked on the host: one sync a step."""
-    if opt.defaults.get("fused"):
+    1, with any torch optimiser. The fused ones of FOUND_INF_SAFE read bad on the device as their
+    found_inf: no host sync. Any other is asked on the host: one sync a step. Not GradScaler's
+    path: GradScaler scales the loss (bf16 needs no scaling) and sets found_inf itself from the
+    gradients it unscales; the two do not compose."""
+    if isinstance(opt, FOUND_INF_SAFE) and opt.defaults.get("fused"):
         opt.found_inf = bad
         opt.step()
         del opt.found_inf  # read by the next step only if set again

@@ -141,8 +141,8 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """V_theta(x_t, t, s, cond), cond = (text tokens (B, L, Dt), mask (B, L), pooled (B, Dt)).
-    e = MLP_t(t) + MLP_gap(t - s) (appendix) plus a pooled text vector (ours) drives every adaLN;
-    the text tokens join the image tokens in attention (as FLUX)."""
+    e = MLP_t(t) + MLP_gap(t - s) (appendix) plus a pooled text vector drives every adaLN, and the
+    text tokens join the image tokens in attention (both as FLUX)."""
 
     def __init__(self, res=32, patch=4, channels=3, dim=128, depth=4, heads=4, text_dim=384,
                  act_ckpt=False):
@@ -232,7 +232,7 @@ class Recipe:
     p_null: float = 0.1  # rows with the empty prompt, which guidance needs (ours: the rate)
     null_any_s: bool = True  # the empty prompt on any row (ours); False: on s = t rows only
     shift: float = 1.0  # the time shift k of shift_time
-    renorm: bool = True  # Eq. 19; False: Eq. 18, the paper's ablation "w/o target norm"
+    renorm: bool = True  # Eq. 19; False: Eq. 16, the paper's ablation "w/o target norm"
     k: float = 0.9  # the classifier score's share once the fake-score term is on (appendix)
 
     def jump_rows(self, B):

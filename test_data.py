@@ -128,7 +128,7 @@ def test_long_captions_are_reported_once_and_grid_labels_cut(tmp_path, capsys):
     assert notes.count("\n") == 1 and "captions: 1 of 2 are longer than --text-len 16" in notes
     train.print_notes({**cfg, "aux_start": 0.5}, text, ["a red circle", long, long])
     notes = capsys.readouterr().out  # with the fake-score term, the fake prompts cut to fit
-    assert notes.count("\n") == 2 and ("fake prompts: 1 of 2 captions give up their last words "
+    assert notes.count("\n") == 2 and ("fake prompts: 1 of 2 captions give up their last tokens "
                                        "so that the fake prompt keeps \"fake image\"") in notes
     images = {2: torch.zeros(2, 3, 8, 8)}
     shapes.save_grid(images, ["a red circle", long], str(tmp_path / "grid.png"))

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 import sample
 import selfe
@@ -171,6 +171,82 @@ def test_a_fake_prompt_differs_from_its_caption_however_long(kind, above, tmp_pa
     assert fake.endswith(" fake image") and caption.startswith(fake[:-len(" fake image")])
     assert enc.count_tokens([fake]) == [16]  # as many words as fit
     assert enc.fake_prompts(["a red circle"]) == selfe.fake_prompts(["a red circle"])
+
+
+CORPUS = ["a photo of a red circle left of a blue square", "three green triangles and a yellow star",
+          "一只红色的圆形在蓝色的正方形左边", "还有三个绿色的三角形和一个黄色的星星在画面里",
+          "red,circle,blue,square,photo,tag,green,triangle", "a fake image of a white circle"]
+
+
+def subword_tokenizer(kind):
+    """A real subword tokenizer trained in a moment on CORPUS: WordPiece (BERT's kind), byte-level
+    BPE (CLIP's, RoBERTa's) or Unigram (T5's), each wrapping a caption in [CLS] ... [SEP]."""
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer()  # CJK characters apart, lower case
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=SPECIAL)
+    elif kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=SPECIAL,
+                                          unk_token="[UNK]")
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[(t, tok.token_to_id(t)) for t in SPECIAL[2:]])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", model_input_names=["input_ids", "attention_mask"])
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe", "unigram"])
+def test_a_fake_prompt_keeps_the_first_tokens_of_any_caption_and_its_suffix(kind, tmp_path):
+    """A caption too long for --text-len gives up its last TOKENS to " fake image", whatever its
+    script: Chinese without spaces, tags joined by commas, one overlong word, a caption of exactly
+    --text-len tokens and one above. Its fake prompt keeps as much of the caption as fits, and is
+    neither the caption (the suffix cut off) nor the empty prompt's fake prompt."""
+    tokenizer, L = subword_tokenizer(kind), 16
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(
+        hidden_size=24, max_position_embeddings=64, vocab_size=len(tokenizer), pad_token_id=0,
+        **TINY)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    enc = text_encoder.TextEncoder(str(tmp_path), max_len=L)
+    count = lambda text: enc.count_tokens([text])[0]  # noqa: E731
+    prose = " ".join(CORPUS[0::5] * 3)
+    at = lambda n: next(prose[:i] for i in range(len(prose)) if count(prose[:i]) == n)  # noqa
+    captions = ["".join(reversed(CORPUS[2] + CORPUS[3])) * 2, ",".join(CORPUS[4].split(",") * 3),
+                "greentrianglecirclesquare" * 4, at(L), at(L + 1)]
+    fakes = enc.fake_prompts(captions)
+    for caption, fake in zip(captions, fakes):
+        assert count(selfe.fake_prompts([caption])[0]) > L  # too long with the whole caption
+        kept = fake.removesuffix(" fake image")
+        assert kept != fake and kept and kept != caption and caption.startswith(kept)
+        assert count(fake) <= L
+        cuts = [caption[:end].rstrip() for _, end in enc.tokenizer(
+            caption, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+        assert kept in cuts  # cut after a token, and one more token would not fit
+        more = next(c for c in cuts[cuts.index(kept):] if c != kept)
+        assert count(selfe.fake_prompts([more])[0]) > L
+    table = text_encoder.TextTable(enc, captions, fake=True)
+    rows = torch.tensor([table.row[c] for c in captions])
+    (tokens, _, _), (fake_tokens, _, _) = table(rows), table(rows, fake=True)
+    null_fake = enc(enc.fake_prompts([""]))[0]
+    assert all(not torch.equal(a, b) and not torch.equal(b, null_fake[0])
+               for a, b in zip(tokens, fake_tokens))
+    assert enc.fake_prompts(["a red circle"]) == selfe.fake_prompts(["a red circle"])
+
+
+def test_a_text_length_with_no_room_for_a_caption_beside_the_suffix_is_refused(tmp_path):
+    enc = text_encoder.TextEncoder(encoder_folder(tmp_path, "bert"), max_len=4)  # [CLS] .. [SEP]
+    with pytest.raises(InputError, match="--text-len 4 leaves no token of a caption beside"):
+        enc.fake_prompts(["a red circle"])
+    assert enc.fake_prompts([""]) == selfe.fake_prompts([""])  # the empty prompt's: nothing to cut
 
 
 # -------------------------------------------------------------------------------------------------

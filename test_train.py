@@ -108,6 +108,7 @@ def test_train_resume_and_sample_on_shapes(tmp_path):
     text = run("train.py", "--out", out, *TINY, "--iters", "4", "--aux-start", "0.5",
                "--eval-every", "4", "--final-eval", "small")
     assert "selfe | model " in text
+    assert "GB a step, " in text and " GB once the fake-score pass is on" in text  # from step 2
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
     (ev,) = read_log(out, "eval_overall")  # the few-step score, logged during training
     assert ev["step"] == 4 and set(ev["eval_overall"]) == set(ev["eval_fd"]) == {"2", "8"}
@@ -163,8 +164,9 @@ def test_fm_and_selfe_differ_only_in_the_objective(tmp_path):
     logs = {}
     for method in ("fm", "selfe"):
         out = str(tmp_path / method)
-        run("train.py", "--out", out, *TINY, "--method", method, "--sample-every", "100",
-            "--batch-size", "16")
+        text = run("train.py", "--out", out, *TINY, "--method", method, "--sample-every",
+                   "100", "--batch-size", "16")
+        assert "GB a step (estimated" in text  # the fake-score pass: never on in either run
         logs[method] = read_log(out)
     assert logs["fm"][0]["loss"] == logs["selfe"][0]["loss"]
     assert logs["fm"][0]["frac_self"] == 0 and logs["selfe"][1]["frac_self"] > 0

@@ -167,19 +167,28 @@ class TextEncoder:
         return [len(row) for row in ids["input_ids"]]
 
     def fake_prompts(self, captions):
-        """selfe.fake_prompts, a caption too long for max_len first cut by whole words until its
-        suffix fits (ours): cut off, the suffix would leave the fake prompt the caption itself."""
-        def fits(words):
-            return self.count_tokens(selfe.fake_prompts([" ".join(words)]))[0] <= self.max_len
+        """selfe.fake_prompts, a caption too long for max_len first cut to as many of its first
+        tokens as let the suffix fit (ours): cut off, the suffix would leave the fake prompt the
+        caption itself. The cut falls where a token of the caption's own text ends, in any script
+        (a caption without spaces too)."""
         fakes = selfe.fake_prompts(captions)
         for i, n in enumerate(self.count_tokens(fakes)):
-            if n > self.max_len:  # the most words that fit, by bisection
-                words = captions[i].split()
-                lo, hi = 0, len(words)
+            if n > self.max_len:
+                ends = [end for _, end in self.tokenizer(
+                    captions[i], add_special_tokens=False,
+                    return_offsets_mapping=True)["offset_mapping"]]
+                fake = lambda n: selfe.fake_prompts(  # noqa: E731  of the first n tokens
+                    [captions[i][:ends[n - 1] if n else 0].rstrip()])[0]
+                lo, hi = 0, len(ends)  # the most tokens that fit, by bisection
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
-                    lo, hi = (mid, hi) if fits(words[:mid]) else (lo, mid - 1)
-                fakes[i] = selfe.fake_prompts([" ".join(words[:lo])])[0]
+                    fits = self.count_tokens([fake(mid)])[0] <= self.max_len
+                    lo, hi = (mid, hi) if fits else (lo, mid - 1)
+                if lo == 0 and ends:
+                    raise InputError(f"--text-len {self.max_len} leaves no token of a caption "
+                                     f"beside \"fake image\" in its fake prompt: give a "
+                                     f"longer one")
+                fakes[i] = fake(lo)
         return fakes
 
     @torch.no_grad()

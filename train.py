@@ -293,9 +293,11 @@ def train(argv, interrupt):
         print_notes(cfg, text, data.captions)
         with torch.random.fork_rng(devices=[]):  # the run's random numbers stay as they were
             memory = memory_estimate(cfg, text.dim, batch)
-        print(f"memory: about {memory[False] / 1e9:.2f} GB a step, {memory[True] / 1e9:.2f} GB "
-              f"with the fake-score pass (estimated per process: weights, gradients, Adam, EMA "
-              f"and saved activations; --act-ckpt {'on' if cfg['act_ckpt'] else 'off'})")
+        first, last = aux_on(0, cfg), aux_on(cfg["iters"] - 1, cfg)  # the fake-score pass on
+        later = f", {memory[True] / 1e9:.2f} GB once the fake-score pass is on" * (last > first)
+        print(f"memory: about {memory[first] / 1e9:.2f} GB a step{later} (estimated per process: "
+              f"weights, gradients, Adam, EMA and saved activations; --act-ckpt "
+              f"{'on' if cfg['act_ckpt'] else 'off'})")
     t0, fake = time.perf_counter(), aux_on(cfg["iters"] - 1, cfg)
     table = TextTable(text, data.captions, fake=fake,
                       dtype=torch.float16 if cfg["bf16"] else torch.float32, folder=cfg["out"])
@@ -407,8 +409,8 @@ def print_notes(cfg, text, captions):
         fakes = text.fake_prompts(captions)
         cut = sum(f != c for f, c in zip(fakes, selfe.fake_prompts(captions)))
         if cut:
-            print(f"fake prompts: {cut} of {len(captions)} captions give up their last words so "
-                  f"that the fake prompt keeps \"fake image\" within --text-len {text.max_len}")
+            print(f"fake prompts: {cut} of {len(captions)} captions give up their last tokens "
+                  f"so that the fake prompt keeps \"fake image\" within --text-len {text.max_len}")
 
 
 def check_out(out, resume):
