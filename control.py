@@ -74,7 +74,9 @@ class Clock:
 
     def __init__(self, device):
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.seconds, self.steps, self.t0 = 0.0, 0, time.perf_counter()
+        # it starts as the first step (off: it compiles) ends, so that the wait for the first
+        # batch (the data workers' start) is not training time
+        self.seconds, self.steps, self.t0 = 0.0, 0, None
 
     @contextmanager
     def off(self, when=True):
@@ -82,7 +84,8 @@ class Clock:
             yield
             return
         self.sync()
-        self.seconds += time.perf_counter() - self.t0
+        if self.t0 is not None:
+            self.seconds += time.perf_counter() - self.t0
         try:
             yield
         finally:
@@ -98,15 +101,18 @@ class Clock:
         return out
 
 
-def step_flops(model, text_len, rows, m, fake, k):
-    """FLOPs of one process's step on `rows` rows, m of them jumping: the pass with gradient
-    (forward and backward count 3 forwards), the judges' passes on the m rows (one, at k = 0 with
-    the fake-score term on) and the fake-score pass with gradient. None for a network without
-    .flops (optional: the log then shows no MFU)."""
+def step_flops(model, text_len, rows, m, fake, k, bf16):
+    """-> {precision: FLOPs} of one process's step on `rows` rows, m of them jumping: the pass with
+    gradient (forward and backward count 3 forwards) and the fake-score pass with gradient, in
+    bf16 under autocast (else float32, TF32 on a GPU), and the judges' passes on the m rows (one,
+    at k = 0 with the fake-score term on), in float32 always. None for a network without .flops
+    (optional: the log then shows no MFU)."""
     if not hasattr(model, "flops"):
         return None
     judges = 0 if m == 0 else 1 if fake and k == 0 else 2
-    return model.flops(text_len) * (3 * rows + judges * m + 3 * m * fake)
+    trained = model.flops(text_len) * (3 * rows + 3 * m * fake)
+    judged = model.flops(text_len) * judges * m
+    return {"bf16": trained, "tf32": judged} if bf16 else {"tf32": trained + judged}
 
 
 def saved_bytes(run, rows, weights):
@@ -168,24 +174,30 @@ def memory_estimate(cfg, text_dim, batch):
     return out
 
 
-# Dense bf16 peaks (datasheets), for MFU. The first key the device name contains wins.
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
-             ("H200", 989e12), ("A100", 312e12))
+# Dense peaks in FLOP/s (datasheets) of bf16 and of TF32, for MFU. The first key the device name
+# contains wins.
+PEAKS = (("H100 PCIe", 756e12, 378e12), ("H100 NVL", 835e12, 418e12), ("H100", 989e12, 495e12),
+         ("H200 NVL", 835e12, 418e12), ("H200", 989e12, 495e12), ("A100", 312e12, 156e12))
 
 
 def peak_flops(name):
-    """-> the bf16 peak of a GPU by its name, None for one we do not know."""
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+    """-> {precision: peak FLOP/s} of a GPU by its name, None for one we do not know."""
+    return next(({"bf16": bf16, "tf32": tf32} for key, bf16, tf32 in PEAKS if key in name), None)
+
+
+def mfu(flops, seconds, peaks):
+    """The share of the time the FLOPs {precision: FLOPs} would take at their precisions' peaks."""
+    return sum(f / peaks[precision] for precision, f in flops.items()) / seconds
 
 
 def speed(seconds, steps, flops, batch, device):
-    """-> {ms_per_step, img_per_s, mfu (known GPUs), peak_mem_gb}. flops: of one process's step
-    (MFU is per GPU); batch: images per step, all processes."""
+    """-> {ms_per_step, img_per_s, mfu (known GPUs), peak_mem_gb}. flops: {precision: FLOPs} of
+    one process's step (MFU is per GPU); batch: images per step, all processes."""
     out = {"ms_per_step": 1000 * seconds / steps, "img_per_s": batch * steps / seconds}
     cuda = device.type == "cuda"
-    peak = peak_flops(torch.cuda.get_device_name(device) if cuda else "cpu")
-    if peak and flops:
-        out["mfu"] = flops * steps / seconds / peak
+    peaks = peak_flops(torch.cuda.get_device_name(device) if cuda else "cpu")
+    if peaks and flops:
+        out["mfu"] = mfu({p: f * steps for p, f in flops.items()}, seconds, peaks)
     if cuda:
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     else:  # the process's peak resident memory (Linux reports kB)
@@ -220,6 +232,23 @@ def agree(flag, device):
     t = torch.tensor(float(flag), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+@contextmanager
+def shield(when=True):
+    """SIGTERM held back while the block runs (a step that compiles), from this process and from
+    every process started meanwhile: torch.compile's kernel-building processes, started by the
+    first compile, keep it held back for good, so that a stop signal sent to the whole process
+    group (timeout, torchrun, kill -TERM -PGID) cannot kill them in the middle of a build. This
+    process takes it as the block ends: the step is done, the run saves and stops."""
+    if not when:
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 class Interrupt:

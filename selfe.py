@@ -329,11 +329,11 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, tau, recipe, e
     return loss, {"frac_self": (s < t).float().mean(), "aux": aux.detach().sum() / B}
 
 
-@torch.no_grad()
 def ema_update(ema, net, decay):
-    """ema <- decay * ema + (1 - decay) * net, weight by weight: the EMA, the paper's judge."""
-    for e, p in zip(ema.parameters(), net.parameters()):
-        e.lerp_(p, 1 - decay)
+    """ema <- decay * ema + (1 - decay) * net, every weight in one foreach call: the EMA, the
+    paper's judge."""
+    torch.optim.swa_utils.get_ema_multi_avg_fn(decay)(list(ema.parameters()),
+                                                      list(net.parameters()), None)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -58,6 +59,76 @@ def test_compiled_run_has_no_graph_break_and_compiles_only_when_a_phase_begins(t
     new_at = [step for step in range(12) if graphs[step + 1] > graphs[step]]
     assert new_at[0] == 0 and set(new_at) <= {0, 7, 9} and 9 in new_at, graphs
     assert graphs[-1] <= 4 and graphs[-1] - graphs[9] == 1, graphs  # the fake pass: one graph
+
+
+@pytest.mark.slow
+@pytest.mark.gpu_path
+def test_activation_checkpointing_compiles_whole_and_gives_the_eager_gradients():
+    """The gpu-long preset: --act-ckpt under torch.compile(fullgraph=True) with bf16 autocast; a
+    graph break there would stop the run at its first step."""
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    net = selfe.DiT(res=8, patch=4, dim=32, depth=2, heads=2, text_dim=8, act_ckpt=True)
+    for p in net.parameters():  # every weight in play (the zero-initialised output layer too)
+        nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0.9, 0.4])
+    cond = (torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool), torch.randn(2, 8))
+
+    def gradient(model):
+        net.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            model(x, t, t / 2, cond).float().pow(2).mean().backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    eager = gradient(net)
+    compiled = gradient(torch.compile(net, fullgraph=True, dynamic=False))
+    assert F.cosine_similarity(eager, compiled, dim=0) > 0.99
+
+
+COMPILING = """
+import os, sys, time
+import torch._inductor.compile_fx as inductor
+from torch._inductor.async_compile import AsyncCompile
+import cli, train
+compile_fx, mark = inductor.compile_fx, sys.argv[1]
+
+def compile_in_workers(*args, **kwargs):  # as on a GPU: kernels built in the pool's processes
+    pool = AsyncCompile.process_pool()  # its first use starts the pool's processes
+    pool.submit(time.sleep, 0).result()
+    if not os.path.exists(mark):
+        open(mark, "w").close()  # the test signals now
+    pool.submit(time.sleep, 3).result()  # a kernel being built as the signal comes
+    return compile_fx(*args, **kwargs)
+
+inductor.compile_fx = compile_in_workers
+sys.argv = ["train.py", *sys.argv[2:]]
+cli.run_cli(train.main)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.gpu_path
+def test_sigterm_to_the_group_while_the_first_graph_compiles_saves_the_run(tmp_path):
+    """timeout, torchrun and kill -TERM -PGID signal the whole process group, the processes that
+    build torch.compile's kernels included (on a GPU, Triton's; here the same pool, made to build
+    as the first graph compiles): the step being compiled ends, the run saves it and stops."""
+    out, mark = str(tmp_path / "run"), str(tmp_path / "compiling")
+    with open(out + ".stdout", "w") as stdout, open(out + ".stderr", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", COMPILING, mark, "--out", out, "--preset", "cpu", "--compile",
+             "--iters", "3", "--batch-size", "4", "--res", "16", "--final-eval", "off",
+             "--no-final-grid"], cwd=HERE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=stdout, stderr=stderr, start_new_session=True)  # as timeout starts it
+    t0 = time.time()
+    while not os.path.exists(mark):
+        assert proc.poll() is None and time.time() - t0 < HUNG, "the compile never began"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=HUNG)
+    printed, errors = (open(out + part).read() for part in (".stdout", ".stderr"))
+    assert proc.returncode == 0 and "Traceback" not in errors, errors[-3000:]
+    assert "interrupted at step 1: saved" in printed, printed[-2000:]
+    assert checkpoints.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 1
 
 
 @pytest.mark.gpu_path

@@ -103,8 +103,8 @@ def test_the_fake_score_term_mixes_with_k_and_adds_its_own_loss(k):
     passes = [B, m, m, m] if k != 0 else [B, m, m]  # x0_hat; G_c, G_u, G_fake; G_u at k > 0 only
     assert [c["n"] for c in net.calls] == passes
     unit = type("Net", (), {"flops": lambda self, text_len: 1})()  # one FLOP a row and pass
-    flops = control.step_flops(unit, 0, B, m, True, 0.9 if k is None else k)
-    assert flops == 3 * B + m * (len(passes) - 2) + 3 * m  # the count of the passes run
+    flops = control.step_flops(unit, 0, B, m, True, 0.9 if k is None else k, bf16=False)
+    assert flops == {"tf32": 3 * B + m * (len(passes) - 2) + 3 * m}  # the passes run
 
 
 def test_fm_baseline_never_runs_the_extra_passes():

@@ -173,7 +173,8 @@ def test_a_fake_prompt_differs_from_its_caption_however_long(kind, above, tmp_pa
     assert enc.fake_prompts(["a red circle"]) == selfe.fake_prompts(["a red circle"])
 
 
-CORPUS = ["a photo of a red circle left of a blue square", "three green triangles and a yellow star",
+CORPUS = ["a photo of a red circle left of a blue square",
+          "three green triangles and a yellow star",
           "一只红色的圆形在蓝色的正方形左边", "还有三个绿色的三角形和一个黄色的星星在画面里",
           "red,circle,blue,square,photo,tag,green,triangle", "a fake image of a white circle"]
 
@@ -325,6 +326,11 @@ def test_the_caption_table_encodes_each_caption_once_in_fixed_batches(monkeypatc
             torch.equal(got, alone)
     for got, alone in zip(table(ids, fake=True), text(selfe.fake_prompts(caps))):
         assert torch.allclose(got.float(), alone.float(), atol=1e-4)
+    copies, to = [], torch.Tensor.to  # a step's row ids reach the GPU with no host sync
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *args, **kwargs: copies.append(
+        kwargs.get("non_blocking")) or to(t, *args, **kwargs))
+    table(ids)
+    assert copies == [True]
 
 
 def test_a_caption_table_past_its_budget_is_a_file_and_half_precision_stays_close(tmp_path,

@@ -18,7 +18,8 @@ import selfe
 import shapes
 import text_encoder
 import train
-from conftest import HERE, HUNG, SHORT, StudentNet, expect_input_error, image_folder
+from conftest import (HERE, HUNG, SHORT, LinearNet, Recorder, StudentNet, expect_input_error,
+                      image_folder, loss_with)
 
 
 def test_the_preset_says_when_the_fake_score_term_comes_on_and_a_flag_wins():
@@ -55,8 +56,32 @@ def test_the_auto_preset_says_which_it_took_and_why(cuda, line, capsys, monkeypa
 def test_mfu_knows_gpu_variants_apart():
     names = ("H200 NVL", "H200", "H100 NVL", "H100 PCIe", "H100 80GB HBM3", "A100-SXM4-80GB", "L4")
     peaks = {name: control.peak_flops(f"NVIDIA {name}") for name in names}
-    assert peaks == {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
-                     "H100 80GB HBM3": 989e12, "A100-SXM4-80GB": 312e12, "L4": None}
+    bf16 = {name: p and p["bf16"] for name, p in peaks.items()}
+    assert bf16 == {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
+                    "H100 80GB HBM3": 989e12, "A100-SXM4-80GB": 312e12, "L4": None}
+    assert all(p["tf32"] == pytest.approx(p["bf16"] / 2, rel=0.01) for p in peaks.values() if p)
+
+
+@pytest.mark.parametrize("m, fake, k", [(0, False, 0.9), (4, False, 0.9), (4, True, 0.9),
+                                        (4, True, 0.0)])
+def test_mfu_counts_each_pass_at_the_peak_of_the_precision_it_runs_in(m, fake, k):
+    """Under bf16 autocast the passes with gradient run in bf16 and the judges in float32 (TF32 on
+    a GPU: half bf16's peak). step_flops counts each pass the loss runs where it runs; MFU is the
+    share of the time the step would take with each at its own peak."""
+    torch.manual_seed(0)
+    net, B = Recorder(LinearNet()), 8
+    c = lambda: (torch.randn(B),)  # noqa: E731
+    with torch.autocast("cpu", torch.bfloat16):
+        loss_with(net, torch.randn(B, 3, 4, 4), c(), c(), *(c(), c()) * fake, fm=m == 0,
+                  p_equal=1 - m / B, p_null=0.0, k=k)
+    ran = {"bf16": 0, "tf32": 0}
+    for call in net.calls:  # with gradient: forward and backward, 3 forwards
+        ran["bf16" if call["autocast"] else "tf32"] += call["n"] * (3 if call["grad"] else 1)
+    unit = type("Net", (), {"flops": lambda self, text_len: 1})()  # one FLOP a row and pass
+    assert control.step_flops(unit, 0, B, m, fake, k, bf16=True) == ran
+    assert control.step_flops(unit, 0, B, m, fake, k, bf16=False) == {"tf32": sum(ran.values())}
+    peaks = {"bf16": 1e12, "tf32": 0.5e12}
+    assert control.mfu({"bf16": 1e12, "tf32": 0.5e12}, 4.0, peaks) == 0.5  # 2 s of 4 at peak
 
 
 def run(*args):
@@ -77,11 +102,18 @@ def read_log(out, key="loss"):
 
 @pytest.mark.slow
 def test_speed_in_the_log_is_training_time_only(tmp_path, monkeypatch):
-    """ms_per_step, and so plot.py's minutes, leave out the steps that compile (the first, and the
-    first with the fake-score term), checkpoint writes, grids and evaluations. On a clock that moves
-    only when told, each step takes 1 s and each of those 1000 s: every window must read 1000 ms."""
+    """ms_per_step, and so plot.py's minutes, leave out the wait for the first batch (the data
+    workers' start), the steps that compile (the first, and the first with the fake-score term),
+    checkpoint writes, grids and evaluations. On a clock that moves only when told, each step takes
+    1 s and each of those 1000 s: every window must read 1000 ms."""
     now = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    loader = train.loader
+
+    def slow_start(*args, **kwargs):
+        now[0] += 1000.0  # as the loop asks for its first batch
+        yield from loader(*args, **kwargs)
+    monkeypatch.setattr(train, "loader", slow_start)
 
     def taking(seconds, fn):
         def wrapped(*args, **kwargs):
@@ -106,12 +138,13 @@ def test_speed_in_the_log_is_training_time_only(tmp_path, monkeypatch):
 def test_train_resume_and_sample_on_shapes(tmp_path):
     out = str(tmp_path / "run")
     text = run("train.py", "--out", out, *TINY, "--iters", "4", "--aux-start", "0.5",
-               "--eval-every", "4", "--final-eval", "small")
+               "--eval-every", "2", "--final-eval", "small")
     assert "selfe | model " in text
     assert "GB a step, " in text and " GB once the fake-score pass is on" in text  # from step 2
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
-    (ev,) = read_log(out, "eval_overall")  # the few-step score, logged during training
-    assert ev["step"] == 4 and set(ev["eval_overall"]) == set(ev["eval_fd"]) == {"2", "8"}
+    # the few-step score, logged during training; at the last step the final evaluation alone
+    (ev,) = read_log(out, "eval_overall")
+    assert ev["step"] == 2 and set(ev["eval_overall"]) == set(ev["eval_fd"]) == {"2", "8"}
     assert set(ev["swap_accuracy"]) == set(shapes.SWAPS)  # each kind's (their test: below)
     assert "ShapesEval overall" in text
     # the paper's table in miniature at the end: printed, logged, kept with its grid
@@ -288,7 +321,7 @@ def test_a_folder_with_a_log_but_no_checkpoint_holds_a_run(tmp_path, capsys, mon
 def test_the_log_shows_mfu_for_a_network_with_flops_and_none_without(own, tmp_path, monkeypatch):
     """On a device whose peak is known (here every device, even this CPU) the log shows MFU; a
     network of one's own without .flops trains all the same, with no MFU."""
-    monkeypatch.setattr(control, "peak_flops", lambda name: 1e12)
+    monkeypatch.setattr(control, "peak_flops", lambda name: {"bf16": 1e12, "tf32": 1e12})
     if own:
         monkeypatch.setattr(train, "build_model", lambda cfg, dim: StudentNet(
             checkpoints.build_model(cfg, dim)))

@@ -269,6 +269,6 @@ class TextTable:
         ids = ids + len(self.captions) * fake
         if self.on_file:  # the rows read from the file, then sent to the device
             tokens = torch.from_numpy(self.tokens[ids.numpy()]).to(self.mask.device)
-        ids = ids.to(self.mask.device)
+        ids = ids.to(self.mask.device, non_blocking=True)  # pinned by the loader: no host sync
         tokens = tokens if self.on_file else self.tokens[ids]
         return tokens.float(), self.mask[ids], self.pooled[ids].float()

@@ -33,7 +33,7 @@ from checkpoints import (allow_tf32, build_model, export_ema, generate, load_wei
                          read_checkpoint, recipe_of, sampler_of, save_checkpoint)
 from cli import InputError, Parser, check_writable, run_cli
 from control import (Clock, Interrupt, Tally, agree, memory_estimate, minutes, open_log,
-                     progress_figures, speed, step_flops, step_unless)
+                     progress_figures, shield, speed, step_flops, step_unless)
 from data import Batches, FolderData, loader, step_seed
 from text_encoder import TextEncoder, TextTable
 
@@ -316,7 +316,7 @@ def train(argv, interrupt):
     builds = {step, next((k for k in range(step, cfg["iters"]) if aux_on(k, cfg)), None)}
     for images, rows in batches:
         # One optimiser step: batch -> loss -> backward -> clip -> Adam -> EMA, no host sync.
-        with clock.off(step in builds):
+        with clock.off(step in builds), shield(step in builds):
             x0 = shapes.to_model(images.to(device, non_blocking=True))  # (B, 3, H, W) in [-1, 1]
             cond, fake = table(rows), table(rows, fake=True) if aux_on(step, cfg) else None
             for group in opt.param_groups:
@@ -351,7 +351,7 @@ def train(argv, interrupt):
                                  f"{saved} with a lower --lr or --clip")
             seconds, timed = clock.lap()
             flops = step_flops(model, cfg["text_len"], batch, recipe.jump_rows(batch),
-                               aux_on(step - 1, cfg), cfg["k"])
+                               aux_on(step - 1, cfg), cfg["k"], cfg["bf16"])
             fig = speed(seconds, timed, flops, cfg["batch_size"], device) if timed else {}
             rec = {"step": step, **tally.read(), "grad_norm": grad_norm.item(),
                    "aux": float(stats["aux"]), "lr": lr_at(step - 1, cfg),
@@ -366,7 +366,7 @@ def train(argv, interrupt):
         save = rank == 0 and (step % cfg["ckpt_every"] == 0 or last or stop)
         grid = rank == 0 and (step % cfg["sample_every"] == 0 or last and cfg["final_grid"])
         score = rank == 0 and cfg["data"] == "shapes" and cfg["eval_every"] > 0 and (
-            step % cfg["eval_every"] == 0 or last)
+            step % cfg["eval_every"] == 0 or last) and not (last and cfg["final_eval"] != "off")
         with clock.off(save or grid or score):  # none of them is training time
             if save:
                 save_checkpoint(ckpt_path, model, ema, opt, step, cfg, text.dim,
