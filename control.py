@@ -241,7 +241,7 @@ def shield(when=True):
     first compile, keep it held back for good, so that a stop signal sent to the whole process
     group (timeout, torchrun, kill -TERM -PGID) cannot kill them in the middle of a build. This
     process takes it as the block ends: the step is done, the run saves and stops."""
-    if not when:
+    if not when or not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
         yield
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

@@ -268,11 +268,16 @@ def lambda_st(t, s):
     return t / (1 - t) - s / (1 - s)
 
 
+def rescale_to(y, ref):
+    """y, row by row, at the norm of ref (over C x H x W): the energy-preserving rescale of Eq. 19
+    and of guidance (Sec. 3.4)."""
+    norm = lambda x: x.flatten(1).norm(dim=1)  # noqa: E731
+    return y * bcast(norm(ref) / (norm(y) + 1e-8), y)
+
+
 def energy_renorm(x0, x_self, lam):
     """Eq. 19: mix the data and the self-evaluation target, then give the mix the data's norm."""
-    y = x0 + bcast(lam, x0) * x_self
-    norm = lambda x: x.flatten(1).norm(dim=1)  # noqa: E731  per row, over C x H x W
-    return y * bcast(norm(x0) / (norm(y) + 1e-8), y)
+    return rescale_to(x0 + bcast(lam, x0) * x_self, x0)
 
 
 def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, tau, recipe, eval_net=None):
@@ -280,53 +285,62 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, tau, recipe, e
     null: the conditions of the B prompts and of B empty prompts; fake, null_fake: of the fake
     prompts "<prompt> fake image" and "fake image" (None: the fake-score term is off); tau: the
     jumps' reach (train.py ramps it); eval_net: the conditional judge's weights (the paper: EMA;
-    None: net's)."""
-    r, B, dev = recipe, x0.shape[0], x0.device
-    m = r.jump_rows(B)
+    None: net's). Stage one reads top to bottom; the appendix's second stage and the ablation
+    without Eq. 19 are functions of their own, each called from one marked line."""
+    B, dev = x0.shape[0], x0.device
+    m = recipe.jump_rows(B)
     # a dropped prompt drops its fake one too; such a row's judges both see the empty prompt
-    drop = null_rows(B, m, r, dev)
+    drop = null_rows(B, m, recipe, dev)
     cond = each(lambda c, n: torch.where(bcast(drop, c), n, c), cond, null)
     if fake is not None:
         fake = each(lambda c, n: torch.where(bcast(drop, c), n, c), fake, null_fake)
-    t, s = sample_times(B, tau, m, r.shift, dev)
+    t, s = sample_times(B, tau, m, recipe.shift, dev)
     x_t = add_noise(x0, t, torch.randn_like(x0))  # Eq. 1
     x0_hat = G(net, x_t, t, s, cond)  # Eq. 6: the one pass with gradient, (B, ...)
-    target, aux, weight = x0, x0.new_zeros(1), 1.0  # s = t rows learn the data: flow matching
+    target, weight, fake_loss = x0, 1.0, x0.new_zeros(1)  # s = t rows learn the data: FM
     if m > 0:  # the model judges its own jumps; on rows [0, m) only, since lam = 0 elsewhere
         x0_sg, t_m, s_m, x0_m = x0_hat[:m].detach(), t[:m], s[:m], x0[:m]
+        cond_m, null_m = (each(lambda c: c[:m], c) for c in (cond, null))
         # re-noise the jump's answer to s with fresh noise, then ask the model as a plain FM
         # model, without gradient; in float32 (ours: bf16 scrambles G_u - G_c, measured), which
         # is TF32 on a CUDA GPU
         with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
             x_s = add_noise(x0_sg, s_m, torch.randn_like(x0_sg))
-            judge = net if eval_net is None else eval_net
-            G_c = G(judge, x_s, s_m, s_m, each(lambda c: c[:m], cond))
-            # at k = 0 with the fake-score term the classifier score has no share: no pass for it
-            skip = fake is not None and r.k == 0
-            G_u = G_c if skip else G(net, x_s, s_m, s_m, each(lambda c: c[:m], null))
-        if fake is not None:  # appendix: the same net learns the mean of its OWN samples; its
-            # pass, on the online weights, also gives the mix its G_fake (ours: one pass for both)
-            G_fake = G(net, x_s, s_m, s_m, each(lambda c: c[:m], fake))
-            aux = sq_err(G_fake, x0_sg) / s_m.clamp(min=1e-2) ** 2  # 1/s^2, s >= 0.01, ours
-        # G_u - G_c, by Tweedie proportional to -grad log q(c | x_s), the classifier score; with
-        # the fake-score term, k of it and (1 - k) of the fake-score correction (appendix)
-        delta = G_u - G_c if fake is None else \
-            r.k * (G_u - G_c) + (1 - r.k) * (G_fake.detach() - G_c)
+            G_c = G(net if eval_net is None else eval_net, x_s, s_m, s_m, cond_m)
+            # (the second stage at k = 0 gives the classifier score no share: no pass for it)
+            G_u = G(net, x_s, s_m, s_m, null_m) if fake is None or recipe.k > 0 else G_c
+        delta = G_u - G_c  # by Tweedie proportional to -grad log q(c | x_s), the classifier score
+        if fake is not None:  # the appendix's second stage
+            delta, fake_loss = fake_score_term(net, x_s, s_m, x0_sg, G_c, delta,
+                                               each(lambda c: c[:m], fake), recipe.k)
         x_self = x0_sg - delta  # Eq. 14
         lam = lambda_st(t_m, s_m)  # Eq. 17
-        if r.renorm:
-            y = energy_renorm(x0_m, x_self, lam)  # Eq. 19
-        else:  # Eqs. 16 and 18: |x0_hat - x0|^2 + lam |x0_hat - x_self|^2 is (1 + lam) times
-            # the regression on their mix, up to a constant
-            y = (x0_m + bcast(lam, x0_m) * x_self) / bcast(1 + lam, x0_m)
-            weight = torch.cat([1 + lam, lam.new_ones(B - m)])
+        y = energy_renorm(x0_m, x_self, lam)  # Eq. 19
+        if not recipe.renorm:  # the paper's ablation "w/o target norm"
+            y, weight = without_renorm(x0_m, x_self, lam, B)
         jumped = s_m < t_m  # False while tau = 0: the target is then exactly x0
         target = torch.cat([torch.where(bcast(jumped, x0_m), y.to(x0.dtype), x0_m), x0[m:]])
-        aux = aux * jumped
+        fake_loss = fake_loss * jumped
     per_row = sq_err(x0_hat, target) / t**2 * weight  # Eqs. 20-21; s = t rows: ||V - v||^2
-    loss = per_row.mean() + aux.sum() / B
+    loss = per_row.mean() + fake_loss.sum() / B
     # stats stay on the device (reading one costs a sync)
-    return loss, {"frac_self": (s < t).float().mean(), "aux": aux.detach().sum() / B}
+    return loss, {"frac_self": (s < t).float().mean(), "aux": fake_loss.detach().sum() / B}
+
+
+def fake_score_term(net, x_s, s, x0_sg, G_c, classifier, fake, k):
+    """The appendix's second stage -> (delta, each row's fake-score loss). The same net learns the
+    mean of its OWN samples under the fake prompt; its pass, on the online weights, also gives the
+    mix its G_fake (ours: one pass for both): delta = k (G_u - G_c) + (1 - k) (G_fake - G_c)."""
+    G_fake = G(net, x_s, s, s, fake)
+    fake_loss = sq_err(G_fake, x0_sg) / s.clamp(min=1e-2) ** 2  # 1/s^2, s >= 0.01, ours
+    return k * classifier + (1 - k) * (G_fake.detach() - G_c), fake_loss
+
+
+def without_renorm(x0, x_self, lam, B):
+    """The ablation of Eqs. 16 and 18 -> (target, each row's weight): |x0_hat - x0|^2 + lam
+    |x0_hat - x_self|^2 is (1 + lam) times the regression on their mix, up to a constant."""
+    y = (x0 + bcast(lam, x0) * x_self) / bcast(1 + lam, x0)
+    return y, torch.cat([1 + lam, lam.new_ones(B - len(lam))])
 
 
 def ema_update(ema, net, decay):
@@ -368,9 +382,7 @@ def guided_velocity(net, x, t, s, cond, null, cfg, uncond_at_t):
     both = each(lambda c, n: torch.cat([c, n]), cond, null)
     V_c, V_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, t if uncond_at_t else s]),
                    both).chunk(2)
-    g = V_u + cfg * (V_c - V_u)
-    norm = lambda v: v.flatten(1).norm(dim=1)  # noqa: E731
-    return g * bcast(norm(V_c) / (norm(g) + 1e-8), g)
+    return rescale_to(V_u + cfg * (V_c - V_u), V_c)
 
 
 @torch.no_grad()

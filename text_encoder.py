@@ -177,8 +177,8 @@ class TextEncoder:
                 ends = [end for _, end in self.tokenizer(
                     captions[i], add_special_tokens=False,
                     return_offsets_mapping=True)["offset_mapping"]]
-                fake = lambda n: selfe.fake_prompts(  # noqa: E731  of the first n tokens
-                    [captions[i][:ends[n - 1] if n else 0].rstrip()])[0]
+                fake = lambda kept: selfe.fake_prompts(  # noqa: E731  of the first tokens
+                    [captions[i][:ends[kept - 1] if kept else 0].rstrip()])[0]
                 lo, hi = 0, len(ends)  # the most tokens that fit, by bisection
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
