@@ -1,9 +1,11 @@
 """The code's shape: scripts never import scripts (nor results/'s or the tests), selfe.py imports
 torch and the standard library alone, no test module imports another, files a reader finishes,
-short lines."""
+short lines, no path of one machine."""
 import ast
 import glob
 import os
+import re
+import subprocess
 import sys
 
 from conftest import HERE
@@ -50,3 +52,14 @@ def test_code_lines_are_at_most_100_characters():
     for path in glob.glob(os.path.join(HERE, "*.py")) + RESULTS:
         long = [i for i, line in enumerate(open(path), 1) if len(line.rstrip("\n")) > 100]
         assert not long, (os.path.basename(path), long)
+
+
+def test_no_file_names_a_path_of_one_machine():
+    """Commands are written from the repository's root: no home, temporary or work folder of the
+    machine they were run on, in any tracked code or page."""
+    files = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.sh", ".ci/*"], cwd=HERE,
+                           capture_output=True, text=True, check=True).stdout.split()
+    machine = re.compile(r"(^|[^\w.])/(work|tmp|root|home|Users|farm)/")
+    named = [f for f in files
+             if machine.search(open(os.path.join(HERE, f), encoding="utf-8").read())]
+    assert not named, named

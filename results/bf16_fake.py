@@ -7,7 +7,7 @@ against all float32, on one batch of training scenes, at (t, s = f t): median co
 percentile, the share of rows below 0.99, and |G_fake - G_c| / |x0_hat|. Use a checkpoint whose
 fake-score term was on (the cpu preset's).
 
-    cd /work/main && OMP_NUM_THREADS=1 .venv/bin/python results/bf16_fake.py CKPT
+    OMP_NUM_THREADS=1 python results/bf16_fake.py CKPT   # from the repository's root
 """
 import os
 import sys

@@ -15,8 +15,8 @@ median |a - b| / |b| (norms over C x H x W) of delta, of x_self and of the per-r
 (Eqs. 19-21, the checkpoint's renorm), and the median |delta| / |x0_hat| in float32.
 Every row is conditional (no dropped prompts); x0 is a shapes-world batch.
 
-    cd /work/main && OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 \
-        .venv/bin/python results/bf16_fidelity.py /tmp/ref_old_s0/ckpt.pt [--n 512] [--seed 0]
+    OMP_NUM_THREADS=1 python results/bf16_fidelity.py out/ckpt.pt [--n 512] [--seed 0]
+    # from the repository's root
 
 One thread; about 3 minutes on one core at --n 512.
 """

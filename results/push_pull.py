@@ -11,7 +11,7 @@ The mix a run trains with is k * classifier + (1 - k) * fake score. x0_hat comes
 weights, G_c from the EMA, G_u and G_fake from the online weights, as in training. Per-row norms,
 means over n training scenes, at fixed (t, s); every prompt kept.
 
-    cd /work/main && OMP_NUM_THREADS=1 .venv/bin/python results/push_pull.py CKPT [CKPT ...]
+    OMP_NUM_THREADS=1 python results/push_pull.py CKPT [CKPT ...]   # from the repository's root
 
 About a minute per checkpoint on one core at --n 256.
 """
