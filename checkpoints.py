@@ -36,7 +36,7 @@ def recipe_of(cfg):
 # temporary file, flushed, then renamed over the old one: a kill at any moment leaves one whole.
 # An export (export_ema) holds the EMA weights alone, in the Hugging Face layout, to hand on.
 
-CKPT_KEYS = {"model", "ema", "opt", "step", "config", "text_dim"}  # and "skipped" (newer)
+CKPT_KEYS = {"model", "ema", "opt", "step", "config", "text_dim"}  # and "skipped" where counted
 BEFORE_KEY = {"null_any_s": False}  # how checkpoints from before a config key were trained
 EXPORT_FORMAT = "selfe-ema"
 EXPORT_KEYS = {"format", "step", "text_dim", "weights_sha256"}  # config.json's, beside the run's

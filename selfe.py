@@ -69,7 +69,7 @@ def sinusoid(t, dim, max_period=10000.0):
 
 def pos_embed_2d(dim, grid):
     """Fixed 2-D sin-cos positions (T, dim), T = grid^2: half the channels for the row, half for the
-    column. Fixed, not learned: our tiny CPU models learn compact shapes much sooner with them."""
+    column. Fixed, as DiT's (the paper: RoPE)."""
     def one_axis(pos, d):
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float32) / (d // 2))
         out = pos[:, None] * omega[None]
@@ -147,7 +147,7 @@ class DiT(nn.Module):
     def __init__(self, res=32, patch=4, channels=3, dim=128, depth=4, heads=4, text_dim=384,
                  act_ckpt=False):
         super().__init__()
-        self.act_ckpt = act_ckpt  # recompute each block in the backward pass instead of keeping
+        self.act_ckpt = act_ckpt  # recompute each block in the backward pass: less memory kept
         assert res % patch == 0, f"resolution {res} is not divisible by patch size {patch}"
         self.res, self.patch, self.channels, self.dim = res, patch, channels, dim
         self.text_dim = text_dim

@@ -74,20 +74,19 @@ CONFIG = {
 }
 DEFAULTS = {k: v for k, (v, _) in CONFIG.items()}
 PRESETS = {
-    # 2600 iterations: the most that fit about 15 minutes on 2 CPU cores with the table at the end;
-    # warm-up 100 (the paper: 1k of 710k); stage one only, as the paper's 100k-iteration runs: its
-    # second stage comes late in a long run (--aux-start 0.77 for the paper's);
-    # workers 0: both cores are busy with the step
+    # 2 CPU cores, the table at the end (README: minutes); warm-up 100 (the paper: 1k of 710k);
+    # stage one only (--aux-start 0.77: the paper's second stage); workers 0: both cores are busy
+    # with the step
     "cpu": dict(model="tiny", res=32, patch=4, text_len=16, batch_size=32, iters=2600, lr=1e-3,
                 warmup=100, aux_start=1.0, k=0.9, compile=False, bf16=False, workers=0,
                 act_ckpt=False),
-    # minutes on one GPU, sized by FLOPs; iterations and lr to be set by a measured run.
-    # workers: processes that render batches ahead of the GPU
+    # one GPU, sized by FLOPs (results/README.md: the budget); iterations and lr to be set by a
+    # measured run; workers: processes that render batches ahead of the GPU
     "gpu": dict(model="small", res=32, patch=2, text_len=16, batch_size=256, iters=2000, lr=5e-4,
                 warmup=100, aux_start=0.77, k=0.9, compile=True, bf16=True, workers=12,
                 act_ckpt=False),
-    # hours: 64 px, room for longer captions, the paper's warm-up. act_ckpt: without it a step
-    # needs an estimated 81 GB, 122 GB with the fake-score pass (the start-up line says)
+    # hours: 64 px, room for longer captions, the paper's warm-up; act_ckpt: activations
+    # recomputed, for memory (the start-up line gives the estimate)
     "gpu-long": dict(model="small", res=64, patch=2, text_len=64, batch_size=256, iters=50000,
                      lr=3e-4, warmup=1000, aux_start=0.77, k=0.9, compile=True, bf16=True,
                      workers=12, act_ckpt=True),
@@ -428,7 +427,7 @@ def check_out(out, resume):
 
 
 # -------------------------------------------------------------------------------------------------
-# Your images: a folder of captioned images
+# Grids and ShapesEval: what the model draws and scores, during and after training
 
 
 GRID_PROMPTS = ["a photo of a red circle", "a photo of a blue square",
