@@ -1,6 +1,7 @@
-"""The parts of the GPU path a CPU can check: torch.compile, bf16 autocast, the memory estimate,
-DataLoader workers, the half-precision encoder copy, gpu_check.sh's --out. Marked gpu_path: CI runs
-them on torch 2.11 too."""
+"""The parts of the GPU path a CPU can check: torch.compile (activation checkpointing under it, a
+stop signal while it builds), bf16 autocast, the memory estimate, DataLoader workers, the
+half-precision encoder copy, gpu_check.sh's --out. Marked gpu_path: CI runs them on torch 2.11
+too."""
 import copy
 import os
 import signal
