@@ -426,8 +426,12 @@ def test_toy_scores_true_draws_as_right_and_the_class_mean_as_wrong():
     assert abs(toy.energy_distance(x, c, centres)) < 0.02
     assert toy.accuracy(0 * x, c, centres) == 0  # the class mean, where FM's one step lands
     assert toy.energy_distance(0 * x, c, centres) > 1
-    for layout in ("opposite", "adjacent", "radii"):  # 8 distinct modes, two per class
+    for layout in ("opposite", "adjacent", "radii", "unequal"):  # 8 distinct modes, two a class
         assert len(torch.unique(toy.modes(layout).round(decimals=3), dim=0)) == 8
+    near, far = toy.modes("unequal")[:4], toy.modes("unequal")[4:]  # class k: modes k and k + 4
+    assert torch.allclose(near.norm(dim=1), torch.tensor(1.5)) and torch.allclose(
+        far.norm(dim=1), torch.tensor(3.5))
+    assert torch.allclose(near / 1.5, -far / 3.5, atol=1e-6)  # opposite, not on one ray
 
 
 @pytest.mark.slow

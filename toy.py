@@ -5,6 +5,7 @@ loss and sampler (the method does not care what the network is), then sampled at
     python toy.py                    # the opposite layout, one seed: a table and toy.png
     python toy.py --layout adjacent  # where self-evaluation has nothing to push with
     python toy.py --layout radii     # where it seeks one mode of two
+    python toy.py --layout unequal   # opposite modes at two radii: where it loses one
     python toy.py --seeds 0,1,2      # the mean of three seeds (the tables in results/README.md)
 
 The data: 8 Gaussians (std 0.15); 4 classes of two modes each, and a null class for the empty
@@ -39,6 +40,8 @@ def modes(layout):
     if layout == "radii":  # class k owns the direction k * 90 degrees, at radius 2 and at 4
         angle = torch.arange(8) % 4 * math.pi / 2
         radius = torch.tensor([2.0] * 4 + [4.0] * 4)
+    if layout == "unequal":  # class k owns two opposite modes, at radius 1.5 and at 3.5
+        radius = torch.tensor([1.5] * 4 + [3.5] * 4)
     return radius[:, None] * torch.stack([angle.cos(), angle.sin()], 1)
 
 
@@ -201,7 +204,8 @@ def picture(shown, centres, names, path, title, cell=180, span=5.5):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layout", choices=["opposite", "adjacent", "radii"], default="opposite",
+    p.add_argument("--layout", choices=["opposite", "adjacent", "radii", "unequal"],
+                   default="opposite",
                    help="where each class's two modes lie (see the top of this file)")
     p.add_argument("--seeds", default="0", help="comma-separated; the table is their mean")
     p.add_argument("--iters", type=int, default=4000, help="training steps per method")
