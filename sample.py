@@ -32,10 +32,11 @@ import time
 import torch
 from PIL import Image
 
-import shapes
-from cli import InputError, Parser, check_writable, run_cli
-from checkpoints import allow_tf32, generate, load_checkpoint, sampler_of
-from text_encoder import TextEncoder, looks_like_path
+from harness import shapes
+from harness.checkpoints import load_checkpoint
+from harness.cli import InputError, Parser, check_writable, run_cli
+from harness.draw import allow_tf32, generate, sampler_of
+from harness.text_encoder import TextEncoder, looks_like_path
 
 
 def parse_steps(text):

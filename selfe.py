@@ -24,8 +24,9 @@ def bcast(t, x):
     return t.view(-1, *[1] * (x.dim() - 1))
 
 
-def each(f, *conds):
-    """Apply f to the matching tensors of one or more conditions: each(lambda c: c[:m], cond)."""
+def per_tensor(f, *conds):
+    """Apply f to the matching tensors of one or more conditions: per_tensor(lambda c: c[:m],
+    cond)."""
     return tuple(f(*parts) for parts in zip(*conds))
 
 
@@ -49,9 +50,9 @@ def G(net, x_t, t, s, cond):
     return x_t - bcast(t, x_t) * net(x_t, t, s, cond)
 
 
-def shift_time(u, k):
-    """The resolution shift of SD3 and FLUX: k > 1 spends more time near noise; 1 is no shift."""
-    return k * u / (1 + (k - 1) * u)
+def shift_time(u, shift):
+    """The resolution shift of SD3 and FLUX: shift > 1 spends more time near noise; 1 is none."""
+    return shift * u / (1 + (shift - 1) * u)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ class Recipe:
     p_equal: float = 0.5  # rows with s = t (paper), a fixed share of each batch (ours)
     p_null: float = 0.1  # rows with the empty prompt, which guidance needs (ours: the rate)
     null_any_s: bool = True  # the empty prompt on any row (ours); False: on s = t rows only
-    shift: float = 1.0  # the time shift k of shift_time
+    shift: float = 1.0  # the time shift of shift_time
     renorm: bool = True  # Eq. 19; False: Eq. 16, the paper's ablation "w/o target norm"
     k: float = 0.9  # the classifier score's share once the fake-score term is on (appendix)
 
@@ -249,13 +250,13 @@ def sample_times(n, tau, m, shift, device=None):
     return t, torch.where(torch.arange(n, device=device) < m, s, t)
 
 
-def null_rows(B, m, r, device=None):
+def null_rows(B, m, recipe, device=None):
     """-> (B,) bool: the rows whose prompt is dropped for the empty one; any row at rate p_null,
     or (null_any_s False) rows [m, B) at a rate that keeps p_null."""
     u = torch.rand(B, device=device)
-    if r.null_any_s:
-        return u < r.p_null
-    return (torch.arange(B, device=device) >= m) & (u < r.p_null * B / max(1, B - m))
+    if recipe.null_any_s:
+        return u < recipe.p_null
+    return (torch.arange(B, device=device) >= m) & (u < recipe.p_null * B / max(1, B - m))
 
 
 def fake_prompts(captions):
@@ -291,16 +292,16 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, tau, recipe, e
     m = recipe.jump_rows(B)
     # a dropped prompt drops its fake one too; such a row's judges both see the empty prompt
     drop = null_rows(B, m, recipe, dev)
-    cond = each(lambda c, n: torch.where(bcast(drop, c), n, c), cond, null)
+    cond = per_tensor(lambda c, n: torch.where(bcast(drop, c), n, c), cond, null)
     if fake is not None:
-        fake = each(lambda c, n: torch.where(bcast(drop, c), n, c), fake, null_fake)
+        fake = per_tensor(lambda c, n: torch.where(bcast(drop, c), n, c), fake, null_fake)
     t, s = sample_times(B, tau, m, recipe.shift, dev)
     x_t = add_noise(x0, t, torch.randn_like(x0))  # Eq. 1
     x0_hat = G(net, x_t, t, s, cond)  # Eq. 6: the one pass with gradient, (B, ...)
     target, weight, fake_loss = x0, 1.0, x0.new_zeros(1)  # s = t rows learn the data: FM
     if m > 0:  # the model judges its own jumps; on rows [0, m) only, since lam = 0 elsewhere
         x0_sg, t_m, s_m, x0_m = x0_hat[:m].detach(), t[:m], s[:m], x0[:m]
-        cond_m, null_m = (each(lambda c: c[:m], c) for c in (cond, null))
+        cond_m, null_m = (per_tensor(lambda c: c[:m], c) for c in (cond, null))
         # re-noise the jump's answer to s with fresh noise, then ask the model as a plain FM
         # model, without gradient; in float32 (ours: bf16 scrambles G_u - G_c, measured), which
         # is TF32 on a CUDA GPU
@@ -312,7 +313,7 @@ def selfe_loss(net, x0, cond, null, fake=None, null_fake=None, *, tau, recipe, e
         delta = G_u - G_c  # by Tweedie proportional to -grad log q(c | x_s), the classifier score
         if fake is not None:  # the appendix's second stage
             delta, fake_loss = fake_score_term(net, x_s, s_m, x0_sg, G_c, delta,
-                                               each(lambda c: c[:m], fake), recipe.k)
+                                               per_tensor(lambda c: c[:m], fake), recipe.k)
         x_self = x0_sg - delta  # Eq. 14
         lam = lambda_st(t_m, s_m)  # Eq. 17
         y = energy_renorm(x0_m, x_self, lam)  # Eq. 19
@@ -341,6 +342,11 @@ def without_renorm(x0, x_self, lam, B):
     |x0_hat - x_self|^2 is (1 + lam) times the regression on their mix, up to a constant."""
     y = (x0 + bcast(lam, x0) * x_self) / bcast(1 + lam, x0)
     return y, torch.cat([1 + lam, lam.new_ones(B - len(lam))])
+
+
+def ema_decay(step, decay):
+    """The EMA's decay at a training step, warmed up (ours): fast at first, then `decay`."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 def ema_update(ema, net, decay):
@@ -379,7 +385,7 @@ def guided_velocity(net, x, t, s, cond, null, cfg, uncond_at_t):
     batch holds both branches."""
     if null is None or cfg == 1.0:
         return net(x, t, s, cond)
-    both = each(lambda c, n: torch.cat([c, n]), cond, null)
+    both = per_tensor(lambda c, n: torch.cat([c, n]), cond, null)
     V_c, V_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, t if uncond_at_t else s]),
                    both).chunk(2)
     return rescale_to(V_u + cfg * (V_c - V_u), V_c)
@@ -392,21 +398,21 @@ def sample(net, noise, cond, null, steps, shift, sampler, generator=None):
     CPU, so a seed gives the same images on any device."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    ts, sp = time_grid(steps, shift).tolist(), sampler
+    ts = time_grid(steps, shift).tolist()
     x, B = noise, noise.shape[0]
-    for k in range(steps):
-        t, t_next = ts[k], ts[k + 1]
-        s = t_next if sp.s_k == "next" else float(sp.s_k) * t
+    for i in range(steps):  # step i: from t_i to t_{i+1} (the paper's k)
+        t, t_next = ts[i], ts[i + 1]
+        s = t_next if sampler.s_k == "next" else float(sampler.s_k) * t
         full = lambda v: x.new_full((B,), v)  # noqa: E731
-        g = guided_velocity(net, x, full(t), full(s), cond, null, sp.cfg, sp.uncond_at_t)
+        g = guided_velocity(net, x, full(t), full(s), cond, null, sampler.cfg, sampler.uncond_at_t)
         x0_hat = x - t * g  # Eq. 6
-        if k == steps - 1:
+        if i == steps - 1:
             return x0_hat  # t_next = 0
         eps_hat = (x - (1 - t) * x0_hat) / t
         # DDIM's noise scale from t to t_next with alpha = 1 - t, sigma = t; at eta = 1 the std of
         # the DDPM posterior q(x_t' | x_t, x0). The eps_hat term keeps the total variance.
         ratio = ((1 - t) * t_next) / ((1 - t_next) * t)
-        c_n = sp.eta * t_next * math.sqrt(max(0.0, 1 - ratio**2))
+        c_n = sampler.eta * t_next * math.sqrt(max(0.0, 1 - ratio**2))
         x = (1 - t_next) * x0_hat + math.sqrt(t_next**2 - c_n**2) * eps_hat  # eta = 0: Eq. 22
         if c_n > 0:  # eta = 0 draws no noise
             x = x + c_n * torch.randn(x.shape, generator=generator).to(x.device)

@@ -59,7 +59,6 @@ class ToyNet(nn.Module):
 
     def __init__(self, width=128):
         super().__init__()
-        self.freqs = torch.exp(-math.log(10000.0) * torch.arange(8) / 8)  # as the DiT's times
         self.x_in = nn.Linear(2, width)
         self.t_in = nn.Sequential(nn.Linear(16, width), nn.SiLU(), nn.Linear(width, width))
         self.gap_in = nn.Sequential(nn.Linear(16, width), nn.SiLU(), nn.Linear(width, width))
@@ -70,14 +69,10 @@ class ToyNet(nn.Module):
                                     for _ in range(3))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(width, 2))
 
-    def features(self, t):  # (B,) -> (B, 16): sin-cos of 1000 t, as the DiT embeds its times
-        args = 1000 * t[:, None] * self.freqs
-        return torch.cat([torch.cos(args), torch.sin(args)], 1)
-
     def forward(self, x, t, s, cond):
         (c,) = cond
-        h = self.x_in(x) + self.t_in(self.features(t))
-        h = h + self.gap_in(self.features(t - s)) + self.c_in(c)  # (B, width)
+        h = self.x_in(x) + self.t_in(selfe.sinusoid(t, 16))  # the DiT's time features
+        h = h + self.gap_in(selfe.sinusoid(t - s, 16)) + self.c_in(c)  # (B, width)
         for layer in self.layers:
             h = h + layer(h)
         return self.out(h)
@@ -104,7 +99,7 @@ def train(method, centres, seed, iters=4000, batch=256, renorm=True, aux_start=1
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        selfe.ema_update(ema, net, min(0.9999, (1 + step) / (10 + step)))
+        selfe.ema_update(ema, net, selfe.ema_decay(step, 0.9999))
     return ema
 
 

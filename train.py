@@ -28,14 +28,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import selfe
-import shapes
-from checkpoints import (allow_tf32, build_model, export_ema, generate, load_weights,
-                         read_checkpoint, recipe_of, sampler_of, save_checkpoint)
-from cli import InputError, Parser, check_writable, run_cli
-from control import (Clock, Interrupt, Tally, agree, memory_estimate, minutes, open_log,
-                     progress_figures, shield, speed, step_flops, step_unless)
-from data import Batches, FolderData, loader, step_seed
-from text_encoder import TextEncoder, TextTable
+from harness import shapes
+from harness.checkpoints import (build_model, export_ema, load_weights, read_checkpoint,
+                                 recipe_of, save_checkpoint)
+from harness.cli import InputError, Parser, check_writable, run_cli
+from harness.control import (Clock, Interrupt, Tally, agree, memory_estimate, minutes, open_log,
+                             progress_figures, shield, speed, step_flops, step_unless)
+from harness.data import Batches, FolderData, loader, step_seed
+from harness.draw import allow_tf32, generate, sampler_of
+from harness.text_encoder import TextEncoder, TextTable
 
 # -------------------------------------------------------------------------------------------------
 # Config: plain defaults, each with its help. None: the preset gives it.
@@ -60,7 +61,7 @@ CONFIG = {
     "null_any_s": (True, "the empty prompt on any row (ours, measured); --no-null-any-s: only "
                          "on s = t rows"),
     "min_lr": (1e-5, "learning rate at the end of the linear decay (paper)"),
-    "ema": (0.9999, "EMA decay (paper), warmed up as min(ema, (1 + k) / (10 + k))"),
+    "ema": (0.9999, "EMA decay (paper), warmed up as min(ema, (1 + step) / (10 + step))"),
     "clip": (1.0, "gradient clipping norm (ours)"),
     "text_encoder": ("default", "Hugging Face id or folder; 'default': all-MiniLM-L6-v2, offline"),
     "log_every": (25, "steps between progress updates and log.jsonl lines"),
@@ -93,7 +94,6 @@ PRESETS = {
 }
 CHOICES = {"preset": ["auto", *PRESETS], "method": ["selfe", "fm"], "model": list(selfe.MODELS),
            "final_eval": [*shapes.EVAL_SIZES, "off"]}
-MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop the run
 WARMUP_SHARE = 0.1  # the warm-up is at most this share of the run, so a short run reaches --lr
 # A resumed run keeps these: they define the model and what it learns. Other flags may change.
 IDENTITY = ("model", "res", "patch", "text_encoder", "text_len", "method", "data")
@@ -283,6 +283,7 @@ def train(argv, interrupt):
     recipe = recipe_of(cfg)
     batch = cfg["batch_size"] // world  # per process
     null, null_fake = text([""] * batch), text(text.fake_prompts([""] * batch))
+    fake_on = aux_on(cfg["iters"] - 1, cfg)  # the fake-score term runs at some step of this run
     if rank == 0:  # only now that every input has been read: bad input leaves no folder behind
         check_writable(os.path.join(cfg["out"], "samples"))
         params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -292,18 +293,18 @@ def train(argv, interrupt):
         print_notes(cfg, text, data.captions)
         with torch.random.fork_rng(devices=[]):  # the run's random numbers stay as they were
             memory = memory_estimate(cfg, text.dim, batch)
-        first, last = aux_on(0, cfg), aux_on(cfg["iters"] - 1, cfg)  # the fake-score pass on
-        later = f", {memory[True] / 1e9:.2f} GB once the fake-score pass is on" * (last > first)
-        print(f"memory: about {memory[first] / 1e9:.2f} GB a step{later} (estimated per process: "
+        later = f", {memory[True] / 1e9:.2f} GB once the fake-score pass is on" * (
+            fake_on > aux_on(0, cfg))
+        print(f"memory: about {memory[aux_on(0, cfg)] / 1e9:.2f} GB a step{later} (estimated per process: "
               f"weights, gradients, Adam, EMA and saved activations; --act-ckpt "
               f"{'on' if cfg['act_ckpt'] else 'off'})")
-    t0, fake = time.perf_counter(), aux_on(cfg["iters"] - 1, cfg)
-    table = TextTable(text, data.captions, fake=fake,
+    t0 = time.perf_counter()
+    table = TextTable(text, data.captions, fake=fake_on,
                       dtype=torch.float16 if cfg["bf16"] else torch.float32, folder=cfg["out"])
     if rank == 0:
-        print(f"text: {len(table.captions)} captions{' and their fake prompts' * fake} encoded in "
-              f"{time.perf_counter() - t0:.1f} s" + (" (token states in text_tokens.npy)"
-                                                    if table.on_file else ""))
+        print(f"text: {len(table.captions)} captions{' and their fake prompts' * fake_on} "
+              f"encoded in {time.perf_counter() - t0:.1f} s"
+              + " (token states in text_tokens.npy)" * bool(table.on_file))
 
     log = open_log(os.path.join(cfg["out"], "log.jsonl")) if rank == 0 else None
     batches = loader(Batches(data, batch, cfg["seed"], rank, table.row),
@@ -312,7 +313,7 @@ def train(argv, interrupt):
     tally, clock = Tally(device, ckpt["skipped"] if ckpt else 0), Clock(device)
     # the steps where torch.compile builds graphs: the first of this process and the first with
     # the fake-score term. Their time is compilation, kept out of the speed figures.
-    builds = {step, next((k for k in range(step, cfg["iters"]) if aux_on(k, cfg)), None)}
+    builds = {step, next((i for i in range(step, cfg["iters"]) if aux_on(i, cfg)), None)}
     for images, rows in batches:
         # One optimiser step: batch -> loss -> backward -> clip -> Adam -> EMA, no host sync.
         with clock.off(step in builds), shield(step in builds):
@@ -332,29 +333,17 @@ def train(argv, interrupt):
             if world > 1:  # a fault on one process skips the step on all of them
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             step_unless(opt, bad)
-            selfe.ema_update(ema, model, min(cfg["ema"], (1 + step) / (10 + step)))
+            selfe.ema_update(ema, model, selfe.ema_decay(step, cfg["ema"]))
         clock.steps += step not in builds
         tally.add(loss.detach(), bad, stats["frac_self"])
         step += 1
         bar.update(1)
-        last = step == cfg["iters"]
 
-        # Everything else: the log, checkpoints, grids, evaluations, Ctrl-C
-        if step % cfg["log_every"] == 0 or last:
-            if tally.worst.item() >= MAX_BAD_STEPS:
-                bar.close()  # the error on a line of its own
-                saved = (f"{ckpt_path} holds the last good weights: --resume" if
-                         os.path.exists(ckpt_path) else "no checkpoint yet: start again")
-                raise SystemExit(f"error: {int(tally.worst.item())} steps in a row had a "
-                                 f"non-finite loss or gradient (by step {step}); stopped. "
-                                 f"{saved} with a lower --lr or --clip")
-            seconds, timed = clock.lap()
-            flops = step_flops(model, cfg["text_len"], batch, recipe.jump_rows(batch),
-                               aux_on(step - 1, cfg), cfg["k"], cfg["bf16"])
-            fig = speed(seconds, timed, flops, cfg["batch_size"], device) if timed else {}
-            rec = {"step": step, **tally.read(), "grad_norm": grad_norm.item(),
-                   "aux": float(stats["aux"]), "lr": lr_at(step - 1, cfg),
-                   "tau": tau_at(step - 1, cfg), **fig, "time": time.time()}
+        # Everything else: the log, Ctrl-C, checkpoints, grids, evaluations
+        if step % cfg["log_every"] == 0 or step == cfg["iters"]:
+            tally.stop_if_failing(step, ckpt_path, bar)
+            rec = progress_record(step, cfg, tally, clock, grad_norm, stats, model, recipe, batch,
+                                  device)
             if rank == 0:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
@@ -362,26 +351,15 @@ def train(argv, interrupt):
         # one process checks every step; several agree at log steps only (a check costs a sync)
         stop = interrupt.requested if world == 1 else (
             step % cfg["log_every"] == 0 and agree(interrupt.requested, device))
-        save = rank == 0 and (step % cfg["ckpt_every"] == 0 or last or stop)
-        grid = rank == 0 and (step % cfg["sample_every"] == 0 or last and cfg["final_grid"])
-        score = rank == 0 and cfg["data"] == "shapes" and cfg["eval_every"] > 0 and (
-            step % cfg["eval_every"] == 0 or last) and not (last and cfg["final_eval"] != "off")
-        with clock.off(save or grid or score):  # none of them is training time
-            if save:
-                save_checkpoint(ckpt_path, model, ema, opt, step, cfg, text.dim,
-                                int(tally.skipped.item()))
-                export_ema(os.path.join(cfg["out"], "model"), ema, cfg, step, text.dim)
-                interrupt.saved(ckpt_path, step, cfg["out"])
-            if stop:
-                bar.close()
-                if rank == 0:
-                    print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume "
-                          f"--out {cfg['out']}")
-                return model
-            if grid:
-                write_grid(ema, text, data, cfg, step)
-            if score:
-                write_eval(ema, text, cfg, step, log)
+        if rank == 0:
+            save_and_show(step, stop, cfg, model, ema, opt, text, data, log, clock, interrupt,
+                          int(tally.skipped.item()))
+        if stop:
+            bar.close()
+            if rank == 0:
+                print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume "
+                      f"--out {cfg['out']}")
+            return model
     bar.close()
     interrupt.at_once = True  # the run is saved: from here Ctrl-C or SIGTERM stops at once
     if interrupt.requested:  # one came during the last grid or evaluation
@@ -392,6 +370,36 @@ def train(argv, interrupt):
         print(f"done in {minutes(time.perf_counter() - started)}: {ckpt_path}, samples in "
               f"{os.path.join(cfg['out'], 'samples')}")
     return model
+
+
+def progress_record(step, cfg, tally, clock, grad_norm, stats, model, recipe, batch, device):
+    """log.jsonl's line for the steps since the last (loss, lr, speed, MFU, ...)."""
+    seconds, timed = clock.lap()
+    flops = step_flops(model, cfg["text_len"], batch, recipe.jump_rows(batch),
+                       aux_on(step - 1, cfg), cfg["k"], cfg["bf16"])
+    fig = speed(seconds, timed, flops, cfg["batch_size"], device) if timed else {}
+    return {"step": step, **tally.read(), "grad_norm": grad_norm.item(),
+            "aux": float(stats["aux"]), "lr": lr_at(step - 1, cfg), "tau": tau_at(step - 1, cfg),
+            **fig, "time": time.time()}
+
+
+def save_and_show(step, stop, cfg, model, ema, opt, text, data, log, clock, interrupt, skipped):
+    """At their steps, at the end and on a stop: the checkpoint and export; then, unless stopping,
+    the sample grid and the small ShapesEval. None of it counts as training time."""
+    last, ckpt_path = step == cfg["iters"], os.path.join(cfg["out"], "ckpt.pt")
+    save = step % cfg["ckpt_every"] == 0 or last or stop
+    grid = not stop and (step % cfg["sample_every"] == 0 or last and cfg["final_grid"])
+    score = not stop and cfg["data"] == "shapes" and cfg["eval_every"] > 0 and (
+        step % cfg["eval_every"] == 0 or last) and not (last and cfg["final_eval"] != "off")
+    with clock.off(save or grid or score):
+        if save:
+            save_checkpoint(ckpt_path, model, ema, opt, step, cfg, text.dim, skipped)
+            export_ema(os.path.join(cfg["out"], "model"), ema, cfg, step, text.dim)
+            interrupt.saved(ckpt_path, step, cfg["out"])
+        if grid:
+            write_grid(ema, text, data, cfg, step)
+        if score:
+            write_eval(ema, text, cfg, step, log)
 
 
 def print_notes(cfg, text, captions):

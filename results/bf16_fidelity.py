@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import selfe  # noqa: E402
-import shapes  # noqa: E402
-from checkpoints import load_both, read_checkpoint  # noqa: E402
-from text_encoder import TextEncoder  # noqa: E402
+from harness import shapes  # noqa: E402
+from harness.checkpoints import load_both, read_checkpoint  # noqa: E402
+from harness.text_encoder import TextEncoder  # noqa: E402
 
 TS = (0.2, 0.4, 0.6, 0.8, 0.95)
 FS = (0.1, 0.5, 0.9)  # s = f * t

@@ -20,7 +20,7 @@ from PIL import Image
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-import shapes  # noqa: E402
+from harness import shapes  # noqa: E402
 
 RUN = ["--preset", "cpu", "--iters", "300", "--log-every", "25", "--eval-every", "0",
        "--final-eval", "off", "--no-final-grid", "--sample-every", "100000"]

@@ -18,9 +18,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import checkpoints  # noqa: E402
-import control  # noqa: E402
-import shapes  # noqa: E402
+from harness import checkpoints, control, shapes  # noqa: E402
 
 PEAKS = control.peak_flops("NVIDIA H100 80GB HBM3")
 EVAL_STEPS = (2, 4, 8, 50)

@@ -26,9 +26,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import selfe  # noqa: E402
-import shapes  # noqa: E402
-from checkpoints import load_both  # noqa: E402
-from text_encoder import TextEncoder  # noqa: E402
+from harness import shapes  # noqa: E402
+from harness.checkpoints import load_both  # noqa: E402
+from harness.text_encoder import TextEncoder  # noqa: E402
 
 PAIRS = ((0.999, 0.5), (0.999, 0.25), (0.8, 0.4), (0.5, 0.25), (0.5, 0.001))  # (t, s)
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import selfe
-from checkpoints import build_model, recipe_of
+from .checkpoints import build_model, recipe_of
 
 
 # Fused optimisers that skip a step on found_inf leaving their state as it was, their first step
@@ -34,6 +34,9 @@ def step_unless(opt, bad):
         del opt.found_inf  # read by the next step only if set again
     elif not bad.item():
         opt.step()
+
+
+MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop the run
 
 
 class Tally:
@@ -66,6 +69,16 @@ class Tally:
             acc.zero_()
         self.steps = 0
         return rec
+
+    def stop_if_failing(self, step, ckpt_path, bar):
+        """MAX_BAD_STEPS non-finite steps in a row stop the run, saying what to do."""
+        if self.worst.item() >= MAX_BAD_STEPS:
+            bar.close()  # the error on a line of its own
+            saved = (f"{ckpt_path} holds the last good weights: --resume" if
+                     os.path.exists(ckpt_path) else "no checkpoint yet: start again")
+            raise SystemExit(f"error: {int(self.worst.item())} steps in a row had a non-finite "
+                             f"loss or gradient (by step {step}); stopped. {saved} with a lower "
+                             f"--lr or --clip")
 
 
 class Clock:

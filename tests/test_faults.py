@@ -15,14 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
-import control
 import sample
 import selfe
-import shapes
-import text_encoder
 import train
-from conftest import HERE, HUNG, SHORT, expect_input_error, image_folder
+from harness import checkpoints, control, shapes, text_encoder
+from conftest import ROOT, HUNG, SHORT, expect_input_error, image_folder
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -101,7 +98,7 @@ def test_checkpoint_errors_for_train_and_sample(shapes_run, tmp_path, capsys, mo
 def test_the_real_command_line_prints_one_line(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "o")],
-                       cwd=HERE, capture_output=True, text=True, env=ENV, timeout=HUNG)
+                       cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=HUNG)
     assert (r.returncode == 2 and r.stderr.strip().count("\n") == 0
             and r.stderr.startswith("error: --data"))
 
@@ -112,7 +109,8 @@ def test_the_real_command_line_prints_one_line(tmp_path):
 
 HELD = """
 import io, json, os, sys, time
-import checkpoints, cli, control, train
+import train
+from harness import checkpoints, cli, control
 
 # HOLD: "log:N" waits after the log line of step N for a stop signal; "write:N", "rename:N" and
 # "export:N" wait for kill -9 with half of the N-th checkpoint written, with all of it written but
@@ -186,7 +184,7 @@ def start(out, hold, *extra, workers=0):
     with open(out + ".stdout", "w") as stdout, open(out + ".stderr", "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-c", HELD, "--out", out, *RUN, *extra,
                                  *(["--workers", str(workers)] if workers else [])],
-                                cwd=HERE, env={**ENV, "HOLD": hold, "HOLD_MARK": mark},
+                                cwd=ROOT, env={**ENV, "HOLD": hold, "HOLD_MARK": mark},
                                 stdout=stdout, stderr=stderr, start_new_session=True)
     return proc, mark
 
@@ -208,7 +206,7 @@ def held(proc, mark, timeout=HUNG):
 
 
 def finish(out, *extra):
-    r = subprocess.run([sys.executable, "train.py", "--out", out, *RUN, *extra], cwd=HERE, env=ENV,
+    r = subprocess.run([sys.executable, "train.py", "--out", out, *RUN, *extra], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=HUNG)
     assert r.returncode == 0, r.stderr[-2000:]
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
@@ -498,7 +496,7 @@ def test_two_processes_with_gloo_train_on_the_right_text_hold_identical_weights_
     equal whatever the inputs); the weights stay equal, and the run resumes."""
     out = str(tmp_path / "run")
     wrapper = tmp_path / "wrap.py"
-    wrapper.write_text(WRAPPER.format(here=HERE, out=out))
+    wrapper.write_text(WRAPPER.format(here=ROOT, out=out))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               str(wrapper), "--out", out, *RUN, "--batch-size", "8", "--aux-start", "0"]
     threads = torch.get_num_threads()
@@ -509,7 +507,7 @@ def test_two_processes_with_gloo_train_on_the_right_text_hold_identical_weights_
     finally:
         torch.set_num_threads(threads)
     for steps, extra in ((3, ["--iters", "3"]), (2, ["--iters", "5", "--resume"])):
-        r = subprocess.run(launch + extra, cwd=HERE, env={**ENV, "OMP_NUM_THREADS": "1"},
+        r = subprocess.run(launch + extra, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"},
                            capture_output=True, text=True, timeout=HUNG)
         assert r.returncode == 0, r.stderr[-3000:]
         w0, w1 = (torch.load(os.path.join(out, f"rank{i}.pt"), weights_only=True) for i in (0, 1))

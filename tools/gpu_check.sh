@@ -3,13 +3,14 @@
 # each followed by its ShapesEval medium table and grid, then selfe's sampling speed at 1 to 50
 # steps (sample.py, 256 images), and a summary table last.
 #
-#   bash gpu_check.sh --text-encoder DIR [--out DIR] [--budget S]  # on a GPU machine
-#   bash gpu_check.sh --tiny [--out DIR]       # the same steps at toy sizes on a CPU (2 minutes)
-#   bash gpu_check.sh --pack-encoder DIR       # write a half-precision copy of the default text
-#                                              # encoder (46 MB) to DIR, for a machine offline
+#   bash tools/gpu_check.sh --text-encoder DIR [--out DIR] [--budget S]  # on a GPU machine
+#   bash tools/gpu_check.sh --tiny [--out DIR]  # the same steps at toy sizes on a CPU (2 minutes)
+#   bash tools/gpu_check.sh --pack-encoder DIR  # write a half-precision copy of the default text
+#                                               # encoder (46 MB) to DIR, for a machine offline
 #
 # Python: $PYTHON if set, else python3. Time: everything runs within --budget seconds (default
-# 560; run it with a 600 s limit), in phases: fm's training, its evaluation, selfe's training, its evaluation, the sampling.
+# 560; run it with a 600 s limit), in phases: fm's training, its evaluation, selfe's training, its
+# evaluation, the sampling.
 # A training gets its share of the time the phases after it leave (fm 4/9, selfe the rest): at its
 # limit it gets SIGTERM, saves its last step and stops, and its evaluation scores that step. The
 # budget behind these shares: results/README.md. Each phase's end is printed ("phase ...") and the
@@ -33,9 +34,10 @@ while [ $# -gt 0 ]; do
     --tiny) TINY=1; shift ;;
     --budget) BUDGET=$2; shift 2 ;;
     --pack-encoder)
-      cd "$(dirname "$0")"
+      cd "$(dirname "$0")/.."  # the repository's root
       "$PY" -c "
-import sys, torch, text_encoder
+import sys, torch
+from harness import text_encoder
 from transformers import AutoModel, AutoTokenizer
 path = text_encoder.resolve_text_encoder('default')
 AutoTokenizer.from_pretrained(path).save_pretrained(sys.argv[1])
@@ -61,7 +63,7 @@ if [ -e "$OUT" ] && [ ! -f "$OUT/check.log" ] && [ -n "$(ls -A "$OUT" 2>/dev/nul
   echo "error: --out $OUT holds files but no earlier check (check.log); choose another --out" >&2
   exit 2
 fi
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository's root
 rm -rf "$OUT"
 mkdir -p "$OUT/report"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$HOME/.cache/selfe_inductor}"

@@ -7,11 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
-import data
-import shapes
-import text_encoder
 import train
+from harness import cli, data, shapes, text_encoder
 from conftest import expect_input_error, image_folder, in_ascii_locale
 
 
@@ -87,7 +84,7 @@ def test_captions_are_utf8_with_or_without_a_bom_in_any_locale(tmp_path):
         '{"file_name": "a.png", "text": "un cœur rouge"}\n', encoding="utf-8-sig")  # Notepad's
     txt = image_folder(tmp_path / "txt", ["b.png"], caption=False)
     (tmp_path / "txt" / "b.txt").write_text("ein grünes Dreieck", encoding="utf-8")
-    code = (f"import data; print(data.FolderData({root!r}, 8, quiet=True).captions, "
+    code = (f"from harness import data; print(data.FolderData({root!r}, 8, quiet=True).captions, "
             f"data.FolderData({txt!r}, 8, quiet=True).captions)")
     assert in_ascii_locale(code) == "['un cœur rouge'] ['ein grünes Dreieck']"
 

@@ -13,10 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
-import cli
 import sample
-import text_encoder
+from harness import checkpoints, cli, draw, text_encoder
 from conftest import expect_input_error, export_model, in_ascii_locale
 
 
@@ -274,10 +272,10 @@ def test_the_export_gives_the_checkpoints_images_bit_for_bit(shapes_run):
     assert (cfg, step) == (cfg_export, step_export) and step == 2
     text = text_encoder.TextEncoder(cfg["text_encoder"], cfg["text_len"])
     prompts = ["a photo of a red circle", "a photo of two blue squares"]
-    eta_1 = checkpoints.sampler_of(cfg, eta=1.0)
-    a = checkpoints.generate(from_ckpt, text, prompts, [1, 2, 8], 3, 1.0, eta_1)
-    b = checkpoints.generate(from_export, text, prompts, [1, 2, 8], 3, 1.0, eta_1)
-    untrained = checkpoints.generate(checkpoints.build_model(cfg, text.dim).eval(), text, prompts,
+    eta_1 = draw.sampler_of(cfg, eta=1.0)
+    a = draw.generate(from_ckpt, text, prompts, [1, 2, 8], 3, 1.0, eta_1)
+    b = draw.generate(from_export, text, prompts, [1, 2, 8], 3, 1.0, eta_1)
+    untrained = draw.generate(checkpoints.build_model(cfg, text.dim).eval(), text, prompts,
                                      [2], 3, 1.0, eta_1)
     assert not torch.equal(a[2], untrained[2])  # it trained: the weights make a difference
     assert all(torch.equal(a[k], b[k]) for k in a)

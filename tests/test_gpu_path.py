@@ -15,14 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoints
-import control
-import data
 import selfe
-import shapes
-import text_encoder
 import train
-from conftest import HERE, HUNG, loss_with
+from harness import checkpoints, control, data, shapes, text_encoder
+from conftest import ROOT, HUNG, loss_with
 
 
 @pytest.mark.slow
@@ -90,7 +86,8 @@ COMPILING = """
 import os, sys, time
 import torch._inductor.compile_fx as inductor
 from torch._inductor.async_compile import AsyncCompile
-import cli, train
+import train
+from harness import cli
 compile_fx, mark = inductor.compile_fx, sys.argv[1]
 
 def compile_in_workers(*args, **kwargs):  # as on a GPU: kernels built in the pool's processes
@@ -118,7 +115,7 @@ def test_sigterm_to_the_group_while_the_first_graph_compiles_saves_the_run(tmp_p
         proc = subprocess.Popen(
             [sys.executable, "-c", COMPILING, mark, "--out", out, "--preset", "cpu", "--compile",
              "--iters", "3", "--batch-size", "4", "--res", "16", "--final-eval", "off",
-             "--no-final-grid"], cwd=HERE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+             "--no-final-grid"], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
             stdout=stdout, stderr=stderr, start_new_session=True)  # as timeout starts it
     t0 = time.time()
     while not os.path.exists(mark):
@@ -163,7 +160,8 @@ def test_bf16_autocast_loss_and_gradients_are_finite_and_close_to_fp32():
 
 PEAK = """
 import copy, sys, torch
-import control, checkpoints, selfe, train
+import selfe, train
+from harness import checkpoints, control
 bf16 = sys.argv[1] == "bf16"
 cfg = {**train.DEFAULTS, **train.PRESETS["cpu"], "patch": 2, "batch_size": 64, "bf16": bf16,
        "act_ckpt": bf16}
@@ -211,7 +209,7 @@ def test_the_memory_estimate_is_within_10_percent_of_the_measured_peak():
     same steps at 2 rows (first-use code and buffers out of the measure). In float32 the kernels
     keep no temporaries of note; under bf16 a CPU without native bf16 keeps fewer than one with it
     (results/README.md), so bf16 is checked by its terms below, not by a CPU's peak."""
-    r = subprocess.run([sys.executable, "-c", PEAK, "fp32"], cwd=HERE, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", PEAK, "fp32"], cwd=ROOT, capture_output=True,
                        text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
                                        "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
@@ -286,7 +284,7 @@ def test_half_precision_encoder_copy_loads_and_encodes_in_float32(tmp_path):
     """The GPU machine has no network: it gets the default encoder as a float16 copy
     (gpu_check.sh --pack-encoder, 46 MB), written by the interpreter that runs these tests. Its
     outputs come out in float32, within fp16 rounding of the original's."""
-    subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), "--pack-encoder",
+    subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), "--pack-encoder",
                     str(tmp_path / "enc")], check=True, capture_output=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable})
     captions = ["a photo of a red circle", "", "a photo of three squares fake image"]
@@ -316,8 +314,8 @@ def test_dataloader_workers_give_exactly_the_batches_of_no_workers():
 def test_gpu_check_takes_an_empty_out_folder_and_refuses_one_with_files(tmp_path):
     """With --budget 0 every part is skipped and the report is written: the check of --out alone."""
     def check(out):
-        return subprocess.run(["bash", "gpu_check.sh", "--tiny", "--budget", "0", "--out", out],
-                              cwd=HERE, env={**os.environ, "PYTHON": sys.executable},
+        return subprocess.run(["bash", "tools/gpu_check.sh", "--tiny", "--budget", "0", "--out",
+                               out], cwd=ROOT, env={**os.environ, "PYTHON": sys.executable},
                               capture_output=True, text=True, timeout=HUNG)
     (tmp_path / "empty").mkdir()
     r = check(str(tmp_path / "empty"))

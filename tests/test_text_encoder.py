@@ -21,10 +21,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 
 import sample
 import selfe
-import shapes
-import text_encoder
 import train
-from cli import InputError
+from harness import shapes, text_encoder
+from harness.cli import InputError
 from conftest import SHORT, expect_input_error
 
 

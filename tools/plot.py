@@ -2,11 +2,11 @@ r"""
 The in-training ShapesEval score over iterations or training minutes, several runs on one chart (the
 paper's Fig. 5 in miniature).
 
-    python plot.py out_fm/log.jsonl out_selfe/log.jsonl --labels "flow matching,Self-E" \
+    python tools/plot.py out_fm/log.jsonl out_selfe/log.jsonl --labels "flow matching,Self-E" \
         --out curve.png
-    python plot.py out_fm/log.jsonl out_selfe/log.jsonl --x minutes  # vs compute, not iterations
-    python plot.py out_fm/log.jsonl out_selfe/log.jsonl --y swaps    # the model's own classifier
-    python plot.py out/log.jsonl --y loss                            # any run, your own data too
+    python tools/plot.py out_fm/log.jsonl out_selfe/log.jsonl --x minutes  # vs compute
+    python tools/plot.py out_fm/log.jsonl out_selfe/log.jsonl --y swaps    # the model's classifier
+    python tools/plot.py out/log.jsonl --y loss                     # any run, your own data too
 
 Reads the `eval_overall` records that train.py writes every --eval-every steps (the small set, at 2
 and 8 steps) and draws one colour per run: a solid line at 2 steps, a dashed one at 8. `--y swaps`
@@ -22,11 +22,13 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from cli import InputError, Parser, run_cli
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's root
+from harness.cli import InputError, Parser, run_cli  # noqa: E402
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 # image size and the margins around the plot area

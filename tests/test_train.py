@@ -11,14 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
-import control
-import data
 import selfe
-import shapes
-import text_encoder
 import train
-from conftest import (HERE, HUNG, SHORT, LinearNet, Recorder, StudentNet, expect_input_error,
+from harness import checkpoints, control, data, shapes, text_encoder
+from conftest import (ROOT, HUNG, SHORT, LinearNet, Recorder, StudentNet, expect_input_error,
                       image_folder, loss_with)
 
 
@@ -85,7 +81,7 @@ def test_mfu_counts_each_pass_at_the_peak_of_the_precision_it_runs_in(m, fake, k
 
 
 def run(*args):
-    r = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=HUNG, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout + r.stderr
@@ -262,12 +258,12 @@ def test_a_run_saves_absolute_paths_an_export_and_no_final_grid(folder_run):
                                               ("--method", "fm", "selfe"),
                                               ("--data", "shapes", None),
                                               ("--text-len", "8", "16"),
-                                              ("--text-encoder", "HERE", "default")])
+                                              ("--text-encoder", "ROOT", "default")])
 def test_resume_refuses_to_change_what_defines_the_run(flag, value, saved, folder_run, tmp_path,
                                                        capsys, monkeypatch):
     out = copy_run(folder_run[0], tmp_path)
     before = open(os.path.join(out, "ckpt.pt"), "rb").read()
-    value = HERE if value == "HERE" else value
+    value = ROOT if value == "ROOT" else value
     err = expect_input_error(train.main, ["--out", out, "--resume", flag, value, "--iters", "4"],
                              capsys, monkeypatch)
     saved = folder_run[1] if saved is None else saved

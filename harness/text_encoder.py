@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import selfe
-from cli import InputError
+from .cli import InputError
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 # The kinds of model that can be the encoder, by config.json's model_type. T5 and CLIP checkpoints

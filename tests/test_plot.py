@@ -5,20 +5,19 @@ import sys
 import pytest
 from PIL import Image
 
-import cli
-import shapes
+from harness import cli, shapes
 from conftest import expect_input_error
 
 
 def pixel(x, y, top=1.0):
     """Where plot.py draws the point at x (a share of the x axis) and y (axis from 0 to top)."""
-    import plot
+    from tools import plot
     return (round(plot.LEFT + (plot.W - plot.LEFT - plot.RIGHT) * x),
             round(plot.H - plot.BOTTOM - (plot.H - plot.TOP - plot.BOTTOM) * y / top))
 
 
 def test_plot_draws_the_loss_of_any_run_on_an_axis_that_holds_it(tmp_path, capsys, monkeypatch):
-    import plot
+    from tools import plot
     log = tmp_path / "log.jsonl"  # a run on one's own data: losses, no ShapesEval score
     log.write_text("".join(json.dumps({"step": k, "loss": v}) + "\n"
                            for k, v in ((10, 0.8), (20, None), (30, 1.7), (40, 0.3))))
@@ -34,7 +33,7 @@ def test_plot_draws_the_loss_of_any_run_on_an_axis_that_holds_it(tmp_path, capsy
 
 
 def test_plot_draws_each_runs_scores_where_they_belong(tmp_path, capsys, monkeypatch):
-    import plot
+    from tools import plot
     logs = {}
     for name, scores in (("fm", [0.1, 0.2, 0.3]), ("selfe", [0.4, 0.6, 0.8])):
         (tmp_path / name).mkdir()
@@ -63,7 +62,7 @@ def test_plot_draws_each_runs_scores_where_they_belong(tmp_path, capsys, monkeyp
 
 
 def test_plot_draws_the_mean_swap_accuracy(tmp_path, monkeypatch):
-    import plot
+    from tools import plot
     log = tmp_path / "log.jsonl"
     with open(log, "w") as f:
         for step, acc in ((500, [0.5, 0.7, 0.5, 0.5]), (1000, [0.9, 0.9, 0.7, 0.5])):
@@ -79,7 +78,7 @@ def test_plot_draws_the_mean_swap_accuracy(tmp_path, monkeypatch):
 
 def test_plot_against_minutes_places_scores_at_the_training_time_spent(tmp_path, capsys,
                                                                       monkeypatch):
-    import plot
+    from tools import plot
     logs = {}
     for name, ms in (("fm", [60, 120, 60]), ("selfe", [120, 240, 120])):  # ms/step, 500 steps each
         (tmp_path / name).mkdir()

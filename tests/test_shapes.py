@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import selfe
-import shapes
+from harness import shapes
 from conftest import one
 
 

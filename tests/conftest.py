@@ -1,8 +1,8 @@
-"""What the test files share: the CLI contract's check, a folder of captioned images, a model whose
-output depends on its inputs, the short run's flags and two such runs (on the shapes world and on
-a folder), a Python in a plain-ASCII locale, stub networks, and selfe.py's loss and sampler with
-the paper's settings unless told otherwise."""
-import dataclasses
+"""What the test files in tests/ share: the CLI contract's check, a folder of captioned images,
+an export, the short run's flags and two such runs (on the shapes world and on a folder), a Python
+in a plain-ASCII locale, a network of one's own; and, from test_selfe.py, where selfe.py's tests
+define them, the stub networks and selfe.py's loss with the paper's settings unless told
+otherwise."""
 import os
 import subprocess
 import sys
@@ -13,12 +13,11 @@ import torch.nn as nn
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
-import cli  # noqa: E402
-import selfe  # noqa: E402
-import checkpoints  # noqa: E402
 import train  # noqa: E402
+from harness import checkpoints, cli  # noqa: E402
+from test_selfe import LinearNet, Recorder, loss_with, one, rows, trained_like  # noqa: E402, F401
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 HUNG = 1800  # seconds: the limit of a subprocess's wait, which only a hung process reaches, even
 # on a machine busy with other work (a 120-step run took over 10 minutes beside 4 such processes)
 
@@ -45,17 +44,6 @@ def image_folder(root, names, caption=True):
     return str(root)
 
 
-def trained_like(net, seed=6):
-    """Add noise of std 0.05 to every weight, so that the zero-initialised layers (adaLN-Zero, the
-    output) come alive: a model whose output depends on its inputs. torch's global seed is left
-    as it was."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return net
-
-
 def export_model(folder, seed=0, **changes):
     """An export (no training) of a res-16 model, config as the cpu preset gives it, made by
     trained_like from the weights torch draws at `seed`: another seed, other weights."""
@@ -71,7 +59,7 @@ def in_ascii_locale(code):
     """-> what `python -c code` prints in a plain-ASCII locale with no UTF-8 mode."""
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
            "PYTHONIOENCODING": "utf-8"}
-    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, encoding="utf-8")
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
@@ -103,70 +91,6 @@ def folder_run(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return str(root / "run"), str(root / "pics")
-
-
-# -------------------------------------------------------------------------------------------------
-# Stub networks. A condition is a tuple of batch-first tensors; here, one number per row.
-
-
-class Recorder(nn.Module):
-    """Wraps a net and records every call: batch size, whether the output has gradient, inputs."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls = net, []
-
-    def forward(self, x, t, s, cond):
-        out = self.net(x, t, s, cond)
-        self.calls.append(dict(n=x.shape[0], grad=out.requires_grad, x=x.detach(), t=t, s=s,
-                               c=cond[0], V=out.detach(),
-                               autocast=torch.is_autocast_enabled(x.device.type)))
-        return out
-
-
-class LinearNet(nn.Module):
-    """A small differentiable net for images: V = a * x + b * c + c' * (t - s)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Parameter(torch.tensor(0.3))
-        self.b = nn.Parameter(torch.tensor(0.2))
-        self.c = nn.Parameter(torch.tensor(0.5))
-
-    def forward(self, x, t, s, cond):
-        (c,) = cond
-        return self.a * x + self.b * selfe.bcast(c, x) + self.c * selfe.bcast(t - s, x)
-
-
-class ConstantG(nn.Module):
-    """G(x, t, s, c) = c everywhere, whatever x: V = (x - c) / t. The evaluations are noise-free."""
-
-    def forward(self, x, t, s, cond):
-        return (x - selfe.bcast(cond[0], x)) / selfe.bcast(t, x)
-
-
-def const_G(c, like):
-    return selfe.bcast(c, like) * torch.ones_like(like)
-
-
-def one(x):
-    return (x,)
-
-
-def rows(x):
-    return x.flatten(1)
-
-
-def loss_with(net, x0, cond, null, fake=None, null_fake=None, tau=1.0, eval_net=None, **recipe):
-    """selfe.selfe_loss with a Recipe of the paper's settings, the fields given changed."""
-    return selfe.selfe_loss(net, x0, cond, null, fake, null_fake, tau=tau,
-                            recipe=selfe.Recipe(**recipe), eval_net=eval_net)
-
-
-def sample_with(net, noise, cond, null=None, steps=4, shift=1.0, generator=None, **options):
-    """selfe.sample with Self-E's Sampler, the options given changed."""
-    sampler = dataclasses.replace(selfe.SAMPLERS["selfe"], **options)
-    return selfe.sample(net, noise, cond, null, steps, shift, sampler, generator)
 
 
 class StudentNet(nn.Module):

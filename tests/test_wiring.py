@@ -10,11 +10,10 @@ import sys
 import pytest
 import torch
 
-import checkpoints
 import sample
 import selfe
-import text_encoder
 import train
+from harness import checkpoints, draw, text_encoder
 from conftest import SHORT, LinearNet, Recorder, export_model, loss_with, one, trained_like
 
 
@@ -165,7 +164,7 @@ def test_the_gradient_is_that_of_the_loss_written_by_hand(renorm, seed):
 
 
 # -------------------------------------------------------------------------------------------------
-# Sampling: checkpoints.generate and sample.py pass each flag on
+# Sampling: draw.generate and sample.py pass each flag on
 
 
 def spy_sampler(monkeypatch):
@@ -187,13 +186,13 @@ def test_generate_passes_its_sampler_and_shift_on_and_has_no_default(monkeypatch
     text = lambda prompts: (torch.randn(len(prompts), 4, 384),  # noqa: E731
                             torch.ones(len(prompts), 4, dtype=torch.bool),
                             torch.randn(len(prompts), 384))
-    checkpoints.generate(net, text, ["a", "b"], [3, 1], 5, 1.0, selfe.SAMPLERS["selfe"])
-    checkpoints.generate(net, text, ["a"], [2], 5, 3.0, selfe.Sampler(cfg=2.0, eta=1.0, s_k=0.5,
+    draw.generate(net, text, ["a", "b"], [3, 1], 5, 1.0, selfe.SAMPLERS["selfe"])
+    draw.generate(net, text, ["a"], [2], 5, 3.0, selfe.Sampler(cfg=2.0, eta=1.0, s_k=0.5,
                                                                       uncond_at_t=False))
     assert calls == [dict(SELFE, steps=3, shift=1.0), dict(SELFE, steps=1, shift=1.0),
                      dict(steps=2, shift=3.0, cfg=2.0, eta=1.0, s_k=0.5, uncond_at_t=False)]
     with pytest.raises(TypeError):  # told the sampler, or nothing: never another method's
-        checkpoints.generate(net, text, ["a"], [2], 5, 1.0)
+        draw.generate(net, text, ["a"], [2], 5, 1.0)
 
 
 @pytest.mark.parametrize("method,flags,expected", [
