@@ -16,9 +16,9 @@ was a folder that is not here, give a copy of it: --text-encoder DIR.
 
     python sample.py --ckpt out/ckpt.pt --eval --eval-size small
 
-scores the checkpoint on ShapesEval, our GenEval over the shapes world (shapes.py; runs trained on
-it only): the evaluation set at every step count from the same initial noise, judged image by
-image; prints a table like the paper's and writes OUT/results.json and OUT/grid.png.
+scores the checkpoint on ShapesEval, our GenEval over the shapes world (harness/shapes.py; runs
+trained on it only): the evaluation set at every step count from the same initial noise, judged
+image by image; prints a table like the paper's and writes OUT/results.json and OUT/grid.png.
 Bad input (a missing checkpoint, --steps 0, a negative --cfg, ...) is one line and exit code 2,
 and writes nothing.
 """

@@ -2,6 +2,9 @@
 toy.py's 2-D mixture."""
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -445,7 +448,19 @@ def test_mechanism_selfe_beats_flow_matching_at_one_and_two_steps(seed):
     assert min(scores["selfe", 50], scores["fm", 50]) > 0.95  # both learned the data
 
 
-# -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_toy_prints_a_table_per_guidance_scale_and_refuses_a_bad_one(tmp_path):
+    def toy_py(*args):
+        return subprocess.run([sys.executable, "toy.py", "--iters", "2", "--out",
+                               str(tmp_path / "toy.png"), *args], cwd=os.path.dirname(__file__),
+                              capture_output=True, text=True, timeout=600)
+    r = toy_py("--cfg", "2,7")
+    tables = [line.split(":")[0] for line in r.stdout.splitlines() if "energy distance |" in line]
+    assert r.returncode == 0 and tables == ["| cfg 2", "| cfg 7"], r.stdout + r.stderr
+    assert (tmp_path / "toy.png").exists()
+    for bad in ("5,x", "-1"):
+        r = toy_py("--cfg", bad)
+        assert r.returncode == 2 and "--cfg" in r.stderr.splitlines()[-1], r.stderr
 
 
 # -------------------------------------------------------------------------------------------------

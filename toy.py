@@ -121,9 +121,9 @@ def energy_distance(x, c, centres):
     """2 E|X - Y| - E|X - X'| - E|Y - Y'| per class against true draws, averaged over classes."""
     gen = torch.Generator().manual_seed(7)
     out = []
-    for k in range(CLASSES):
-        a = x[c == k]
-        mode = k + CLASSES * torch.randint(0, 2, (len(a),), generator=gen)
+    for cls in range(CLASSES):
+        a = x[c == cls]
+        mode = cls + CLASSES * torch.randint(0, 2, (len(a),), generator=gen)
         b = centres[mode] + STD * torch.randn(len(a), 2, generator=gen)
         d = lambda p, q: torch.cdist(p, q).mean()  # noqa: E731
         out.append(2 * d(a, b) - d(a, a) - d(b, b))
@@ -140,12 +140,12 @@ def variants(aux_start, k):
     return out
 
 
-def evaluate(models, centres):
+def evaluate(models, centres, cfgs):
     """models: {name: (method, EMA)} -> {(name, cfg, steps): (accuracy, energy distance)}, and the
     cfg-1 samples to draw."""
     scores, shown = {}, {}
     for name, (method, model) in models.items():
-        for cfg in (1.0, 5.0):
+        for cfg in sorted({1.0, *cfgs}):
             for steps in STEPS:
                 x, c = draw_samples(model, method, steps, cfg)
                 scores[name, cfg, steps] = (accuracy(x, c, centres),
@@ -156,11 +156,11 @@ def evaluate(models, centres):
 
 
 def table(scores, cfg, names):
-    head = " | ".join(f"{k} step{'s' * (k > 1)}" for k in STEPS)
+    head = " | ".join(f"{steps} step{'s' * (steps > 1)}" for steps in STEPS)
     lines = [f"| cfg {cfg:g}: accuracy / energy distance | {head} |",
              "|---" * (len(STEPS) + 1) + "|"]
     for name in names:
-        cells = " | ".join("{:.2f} / {:.2f}".format(*scores[name, cfg, k]) for k in STEPS)
+        cells = " | ".join("{:.2f} / {:.2f}".format(*scores[name, cfg, steps]) for steps in STEPS)
         lines.append(f"| {name} | {cells} |")
     return "\n".join(lines)
 
@@ -185,14 +185,14 @@ def picture(shown, centres, names, path, title, cell=180, span=5.5):
         for j, steps in enumerate(STEPS):
             draw.rectangle([left + j * cell, top + i * cell, left + (j + 1) * cell - 1,
                             top + (i + 1) * cell - 1], outline=(200, 200, 200))
-            for k, m in enumerate(centres):  # each true mode: a ring of 3 std in its class colour
+            for mode, m in enumerate(centres):  # each true mode: a ring of 3 std, its class colour
                 x, y = px(m, i, j)
                 r = 3 * STD * cell / (2 * span)
-                draw.ellipse([x - r, y - r, x + r, y + r], outline=COLORS[k % CLASSES], width=2)
+                draw.ellipse([x - r, y - r, x + r, y + r], outline=COLORS[mode % CLASSES], width=2)
             points, c = shown[name, steps]
-            for p, k in zip(points[:1000].tolist(), c[:1000].tolist()):
+            for p, cls in zip(points[:1000].tolist(), c[:1000].tolist()):
                 x, y = px(p, i, j)
-                draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=COLORS[k])
+                draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=COLORS[cls])
     img.save(path)
 
 
@@ -211,12 +211,16 @@ def main():
                         "fraction of the run (the paper's second stage)")
     p.add_argument("--k", type=float, default=0.9,
                    help="the classifier score's share once the term is on (paper: 0.9)")
+    p.add_argument("--cfg", default="1,5", help="comma-separated guidance scales, a table each")
     p.add_argument("--out", default="toy.png", help="the picture (the first seed, cfg 1)")
     args = p.parse_args()
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
+        cfgs = [float(w) for w in args.cfg.split(",")]
     except ValueError:
-        p.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas")
+        p.error(f"--seeds {args.seeds!r} and --cfg {args.cfg!r}: give numbers separated by commas")
+    if min(cfgs) < 0:
+        p.error("--cfg must be at least 0")
     if args.iters < 1 or not 0 <= args.aux_start <= 1 or not 0 <= args.k <= 1:
         p.error("--iters must be at least 1, --aux-start and --k lie in [0, 1]")
     torch.set_num_threads(1)  # a 2-D toy gains nothing from more threads
@@ -225,12 +229,12 @@ def main():
     for seed in seeds:
         models = {name: (m, train(m, centres, seed, args.iters, renorm=not args.no_renorm,
                                   aux_start=a, k=args.k)) for name, (m, a) in names.items()}
-        runs.append(evaluate(models, centres))
+        runs.append(evaluate(models, centres, cfgs))
         print(f"seed {seed}: trained and sampled ({time.perf_counter() - t0:.0f} s so far)")
     scores = {key: tuple(sum(r[0][key][i] for r in runs) / len(runs) for i in range(2))
               for key in runs[0][0]}
     print(f"\n{args.layout} layout, {args.iters} steps, mean of seeds {args.seeds}:\n")
-    print(table(scores, 1.0, names) + "\n\n" + table(scores, 5.0, names))
+    print("\n\n".join(table(scores, cfg, names) for cfg in cfgs))
     title = (f"{args.layout} layout, seed {seeds[0]}, no guidance: the same model at every step "
              f"count (rings: true modes)")
     picture(runs[0][1], centres, names, args.out, title)

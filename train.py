@@ -293,9 +293,9 @@ def train(argv, interrupt):
         print_notes(cfg, text, data.captions)
         with torch.random.fork_rng(devices=[]):  # the run's random numbers stay as they were
             memory = memory_estimate(cfg, text.dim, batch)
-        later = f", {memory[True] / 1e9:.2f} GB once the fake-score pass is on" * (
-            fake_on > aux_on(0, cfg))
-        print(f"memory: about {memory[aux_on(0, cfg)] / 1e9:.2f} GB a step{later} (estimated per process: "
+        first = aux_on(0, cfg)  # the fake-score pass on from the first step
+        later = f", {memory[True] / 1e9:.2f} GB once the fake-score pass is on" * (fake_on > first)
+        print(f"memory: about {memory[first] / 1e9:.2f} GB a step{later} (estimated per process: "
               f"weights, gradients, Adam, EMA and saved activations; --act-ckpt "
               f"{'on' if cfg['act_ckpt'] else 'off'})")
     t0 = time.perf_counter()
@@ -353,7 +353,7 @@ def train(argv, interrupt):
             step % cfg["log_every"] == 0 and agree(interrupt.requested, device))
         if rank == 0:
             save_and_show(step, stop, cfg, model, ema, opt, text, data, log, clock, interrupt,
-                          int(tally.skipped.item()))
+                          tally)
         if stop:
             bar.close()
             if rank == 0:
@@ -383,7 +383,7 @@ def progress_record(step, cfg, tally, clock, grad_norm, stats, model, recipe, ba
             **fig, "time": time.time()}
 
 
-def save_and_show(step, stop, cfg, model, ema, opt, text, data, log, clock, interrupt, skipped):
+def save_and_show(step, stop, cfg, model, ema, opt, text, data, log, clock, interrupt, tally):
     """At their steps, at the end and on a stop: the checkpoint and export; then, unless stopping,
     the sample grid and the small ShapesEval. None of it counts as training time."""
     last, ckpt_path = step == cfg["iters"], os.path.join(cfg["out"], "ckpt.pt")
@@ -393,7 +393,8 @@ def save_and_show(step, stop, cfg, model, ema, opt, text, data, log, clock, inte
         step % cfg["eval_every"] == 0 or last) and not (last and cfg["final_eval"] != "off")
     with clock.off(save or grid or score):
         if save:
-            save_checkpoint(ckpt_path, model, ema, opt, step, cfg, text.dim, skipped)
+            save_checkpoint(ckpt_path, model, ema, opt, step, cfg, text.dim,
+                            int(tally.skipped.item()))
             export_ema(os.path.join(cfg["out"], "model"), ema, cfg, step, text.dim)
             interrupt.saved(ckpt_path, step, cfg["out"])
         if grid:

@@ -1,5 +1,6 @@
-"""data.py and the run's start-up notes: a folder of captioned images in either layout, odd and
-broken files, captions in any encoding, long captions and their fake prompts, a capped warm-up."""
+"""harness/data.py and the run's start-up notes: a folder of captioned images in either layout,
+odd and broken files, captions in any encoding, long captions and their fake prompts, a capped
+warm-up."""
 import os
 
 import numpy as np

@@ -1,5 +1,5 @@
-"""Tests of shapes.py: the shapes world, its captions, ShapesEval's judge, its rules and the scene
-distance."""
+"""Tests of harness/shapes.py: the shapes world, its captions, ShapesEval's judge, its rules and
+the scene distance."""
 
 import numpy as np
 import pytest
