@@ -14,9 +14,24 @@ import torch.nn.functional as F
 import selfe
 import toy
 
+# The stub networks these tests run the loss and the sampler on (Recorder, LinearNet, ConstantG)
+# are at the end of this file; tests/ takes them from here through its conftest.py.
+
 
 # -------------------------------------------------------------------------------------------------
 # The formulas
+
+
+def test_the_noise_path_and_the_sample_head():
+    """Eq. 1: x_t = (1 - t) x0 + t eps, the data at t = 0, noise at t = 1. Eq. 6: G = x_t - t V,
+    so a net whose V points from c to x_t, (x_t - c) / t, makes G give c back."""
+    x0, eps = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    t, s, c = torch.tensor([0.0, 0.25, 1.0]), torch.tensor([0.0, 0.1, 0.5]), torch.randn(3)
+    x_t = selfe.add_noise(x0, t, eps)
+    assert torch.equal(x_t[0], x0[0]) and torch.equal(x_t[2], eps[2])
+    assert torch.allclose(x_t[1], 0.75 * x0[1] + 0.25 * eps[1])
+    assert torch.allclose(selfe.G(ConstantG(), x_t[1:], t[1:], s[1:], one(c[1:])),
+                          const_G(c[1:], x_t[1:]), atol=1e-6)
 
 
 def test_lambda_is_zero_at_s_equal_t_and_the_gap_of_sigma_over_alpha():
@@ -253,7 +268,7 @@ def test_eta_one_adds_the_ddpm_posteriors_noise_on_the_shifted_grid(shift):
     """At eta 1 a step from t to t' draws the std of q(x_t' | x_t, x0), derived here from the
     forward process: x_t = a x_t' + b z with a = alpha_t / alpha_t', b^2 = sigma_t^2 - a^2
     sigma_t'^2; conditioning gives variance b^2 sigma_t'^2 / sigma_t^2. The grid: 1 -> 0 in
-    equal steps, shifted as u -> k u / (1 + (k - 1) u) (k 3: 1, 6/7, 3/5, 0)."""
+    equal steps, shifted as u -> shift u / (1 + (shift - 1) u) (shift 3: 1, 6/7, 3/5, 0)."""
     grid = [1.0, 6 / 7, 3 / 5, 0.0] if shift == 3.0 else [1.0, 2 / 3, 1 / 3, 0.0]
     net, cond = Recorder(Still()), one(torch.zeros(20000))
     out = sample_with(net, torch.zeros(20000, 1, 1, 1), cond, steps=3, eta=1.0, shift=shift,

@@ -32,15 +32,15 @@ STEPS = (1, 2, 4, 8, 50)
 
 
 def modes(layout):
-    """-> (8, 2) mode centres; class k owns modes k and k + 4."""
+    """-> (8, 2) mode centres; class c owns modes c and c + 4."""
     angle = torch.arange(8) * math.pi / 4
-    if layout == "adjacent":  # class k owns two neighbours on the circle
+    if layout == "adjacent":  # class c owns two neighbours on the circle
         angle = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7]) * math.pi / 4
     radius = torch.full((8,), 3.0)
-    if layout == "radii":  # class k owns the direction k * 90 degrees, at radius 2 and at 4
+    if layout == "radii":  # class c owns the direction c * 90 degrees, at radius 2 and 4
         angle = torch.arange(8) % 4 * math.pi / 2
         radius = torch.tensor([2.0] * 4 + [4.0] * 4)
-    if layout == "unequal":  # class k owns two opposite modes, at radius 1.5 and at 3.5
+    if layout == "unequal":  # class c owns two opposite modes, at radius 1.5 and at 3.5
         radius = torch.tensor([1.5] * 4 + [3.5] * 4)
     return radius[:, None] * torch.stack([angle.cos(), angle.sin()], 1)
 

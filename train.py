@@ -11,7 +11,7 @@ Every key of CONFIG and PRESETS is a flag (underscores become hyphens). A run wr
 ckpt.pt (model, EMA, optimiser, step, config; written atomically), model/ (the EMA weights alone,
 model.safetensors + config.json: the file to hand out; sample.py loads either), log.jsonl,
 samples/ and, on the shapes world, eval/ (the ShapesEval table at the end). The randomness of
-step k (data, times, noise) is seeded by (seed, process, k), so a resumed run continues exactly
+step i (data, times, noise) is seeded by (seed, process, i), so a resumed run continues exactly
 where it stopped, and --resume keeps what defines a run (IDENTITY) as it was saved.
 """
 import argparse
@@ -55,7 +55,7 @@ CONFIG = {
     "tau_ramp": (0.4, "fraction of the run over which tau ramps 0 -> 1 (paper: 300k of 710k)"),
     "p_equal": (0.5, "fraction of rows with s = t (paper)"),
     "p_null": (0.1, "probability of the empty prompt (ours; the paper gives none)"),
-    "shift": (1.0, "time shift k for training and sampling; 1 suits small pixel resolutions"),
+    "shift": (1.0, "time shift of training and sampling; 1 suits small pixel resolutions"),
     "ema_eval": (True, "EMA weights for the conditional self-evaluation (paper); "
                        "--no-ema-eval: the online weights"),
     "null_any_s": (True, "the empty prompt on any row (ours, measured); --no-null-any-s: only "
@@ -318,7 +318,8 @@ def train(argv, interrupt):
         # One optimiser step: batch -> loss -> backward -> clip -> Adam -> EMA, no host sync.
         with clock.off(step in builds), shield(step in builds):
             x0 = shapes.to_model(images.to(device, non_blocking=True))  # (B, 3, H, W) in [-1, 1]
-            cond, fake = table(rows), table(rows, fake=True) if aux_on(step, cfg) else None
+            cond = table(rows)
+            fake = table(rows, fake=True) if aux_on(step, cfg) else None
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             torch.manual_seed(step_seed(cfg["seed"], rank, step))  # this step's times and noise
@@ -373,7 +374,8 @@ def train(argv, interrupt):
 
 
 def progress_record(step, cfg, tally, clock, grad_norm, stats, model, recipe, batch, device):
-    """log.jsonl's line for the steps since the last (loss, lr, speed, MFU, ...)."""
+    """log.jsonl's line for the steps since the last (loss, lr, speed, MFU, ...); the tally and
+    the clock start their next window."""
     seconds, timed = clock.lap()
     flops = step_flops(model, cfg["text_len"], batch, recipe.jump_rows(batch),
                        aux_on(step - 1, cfg), cfg["k"], cfg["bf16"])
