@@ -464,7 +464,7 @@ def test_mechanism_selfe_beats_flow_matching_at_one_and_two_steps(seed):
 
 
 @pytest.mark.slow
-def test_toy_prints_a_table_per_guidance_scale_and_refuses_a_bad_one(tmp_path):
+def test_toy_prints_a_table_per_guidance_scale_and_refuses_bad_options(tmp_path):
     def toy_py(*args):
         return subprocess.run([sys.executable, "toy.py", "--iters", "2", "--out",
                                str(tmp_path / "toy.png"), *args], cwd=os.path.dirname(__file__),
@@ -476,6 +476,8 @@ def test_toy_prints_a_table_per_guidance_scale_and_refuses_a_bad_one(tmp_path):
     for bad in ("5,x", "-1"):
         r = toy_py("--cfg", bad)
         assert r.returncode == 2 and "--cfg" in r.stderr.splitlines()[-1], r.stderr
+    r = toy_py("--eta", "2")
+    assert r.returncode == 2 and "--eta" in r.stderr.splitlines()[-1], r.stderr
 
 
 # -------------------------------------------------------------------------------------------------

@@ -103,12 +103,13 @@ def train(method, centres, seed, iters=4000, batch=256, renorm=True, aux_start=1
     return ema
 
 
-def draw_samples(model, method, steps, cfg, n=2000):
+def draw_samples(model, method, steps, cfg, n=2000, eta=0.0):
     """n samples, classes 0-3 in turn, with the method's default sampler (selfe.SAMPLERS)."""
     c = torch.arange(n) % CLASSES
     noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(123))
-    sampler = dataclasses.replace(selfe.SAMPLERS[method], cfg=cfg)
-    return selfe.sample(model, noise, (c,), (torch.full((n,), NULL),), steps, 1.0, sampler), c
+    sampler = dataclasses.replace(selfe.SAMPLERS[method], cfg=cfg, eta=eta)
+    return selfe.sample(model, noise, (c,), (torch.full((n,), NULL),), steps, 1.0, sampler,
+                        torch.Generator().manual_seed(456)), c
 
 
 def accuracy(x, c, centres):
@@ -140,14 +141,14 @@ def variants(aux_start, k):
     return out
 
 
-def evaluate(models, centres, cfgs):
+def evaluate(models, centres, cfgs, eta):
     """models: {name: (method, EMA)} -> {(name, cfg, steps): (accuracy, energy distance)}, and the
     cfg-1 samples to draw."""
     scores, shown = {}, {}
     for name, (method, model) in models.items():
         for cfg in sorted({1.0, *cfgs}):
             for steps in STEPS:
-                x, c = draw_samples(model, method, steps, cfg)
+                x, c = draw_samples(model, method, steps, cfg, eta=eta)
                 scores[name, cfg, steps] = (accuracy(x, c, centres),
                                             energy_distance(x, c, centres))
                 if cfg == 1.0:
@@ -212,6 +213,8 @@ def main():
     p.add_argument("--k", type=float, default=0.9,
                    help="the classifier score's share once the term is on (paper: 0.9)")
     p.add_argument("--cfg", default="1,5", help="comma-separated guidance scales, a table each")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="in [0, 1]: 0 = Euler (Eq. 22); 1 = DDPM-like, the paper's tables'")
     p.add_argument("--out", default="toy.png", help="the picture (the first seed, cfg 1)")
     args = p.parse_args()
     try:
@@ -221,19 +224,20 @@ def main():
         p.error(f"--seeds {args.seeds!r} and --cfg {args.cfg!r}: give numbers separated by commas")
     if min(cfgs) < 0:
         p.error("--cfg must be at least 0")
-    if args.iters < 1 or not 0 <= args.aux_start <= 1 or not 0 <= args.k <= 1:
-        p.error("--iters must be at least 1, --aux-start and --k lie in [0, 1]")
+    if args.iters < 1 or not all(0 <= v <= 1 for v in (args.aux_start, args.k, args.eta)):
+        p.error("--iters must be at least 1, --aux-start, --k and --eta lie in [0, 1]")
     torch.set_num_threads(1)  # a 2-D toy gains nothing from more threads
     centres, t0, runs = modes(args.layout), time.perf_counter(), []
     names = variants(args.aux_start, args.k)
     for seed in seeds:
         models = {name: (m, train(m, centres, seed, args.iters, renorm=not args.no_renorm,
                                   aux_start=a, k=args.k)) for name, (m, a) in names.items()}
-        runs.append(evaluate(models, centres, cfgs))
+        runs.append(evaluate(models, centres, cfgs, args.eta))
         print(f"seed {seed}: trained and sampled ({time.perf_counter() - t0:.0f} s so far)")
     scores = {key: tuple(sum(r[0][key][i] for r in runs) / len(runs) for i in range(2))
               for key in runs[0][0]}
-    print(f"\n{args.layout} layout, {args.iters} steps, mean of seeds {args.seeds}:\n")
+    eta = f", eta {args.eta:g}" * (args.eta > 0)
+    print(f"\n{args.layout} layout, {args.iters} steps{eta}, mean of seeds {args.seeds}:\n")
     print("\n\n".join(table(scores, cfg, names) for cfg in cfgs))
     title = (f"{args.layout} layout, seed {seeds[0]}, no guidance: the same model at every step "
              f"count (rings: true modes)")
